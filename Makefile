@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  `make run`  (set up, compile, verify, time)  and  `make test`.
+PY ?= .venv/bin/python
+
+.PHONY: setup run test test-gpu bench lint clean
+
+setup: .venv/.ready
+
+# --system-site-packages: on a CUDA machine the venv keeps the torch build it already has.
+.venv/.ready: pyproject.toml
+	python3 -m venv --system-site-packages .venv
+	.venv/bin/pip install -q -e ".[bench,dev]"
+	touch $@
+
+run: setup      ## compile the assignment kernel; on a GPU also verify it and time it
+	$(PY) bench.py --assignment
+
+test: setup     ## CPU tests always run; GPU tests run when CUDA is available
+	$(PY) -m pytest test.py -q
+
+test-gpu: setup
+	$(PY) -m pytest test.py -q -m gpu
+
+bench: setup    ## the seed's table: sliding window vs full attention at seq 512/1024/2048
+	$(PY) bench.py
+
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache __pycache__
