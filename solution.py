@@ -39,6 +39,7 @@ from pathlib import Path
 import tilelang
 import tilelang.language as T
 import torch
+import tvm.tirx as tir  # tvm ships inside tilelang; importable once tilelang is
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 ASSIGNMENT = json.loads((CONFIGS / "assignment.json").read_text())
@@ -66,6 +67,18 @@ def kv_tile_range(q_tile, seq_len: int, window: int, block_m: int, block_n: int,
     return first_key // block_n, (end_key + block_n - 1) // block_n
 
 
+def tile_fully_visible(q_tile, k_tile, seq_len: int, window: int, block_m: int, block_n: int, all_of=lambda *c: all(c)):
+    """True when every (query, key) pair of the two tiles is inside the window and
+    the sequence, so the kernel can skip the mask arithmetic for this tile.
+
+    The nearest and farthest pairs bound all others: key tile [k0, k0 + block_n)
+    against query rows [r0, r0 + block_m). Conservative for the ragged last
+    query tile (its padding rows count as real), exact otherwise.
+    """
+    r0, k0 = q_tile * block_m, k_tile * block_n
+    return all_of(k0 + block_n <= seq_len, r0 + block_m - 1 - k0 <= window, k0 + block_n - 1 - r0 <= window)
+
+
 def effective_window(window: int, seq_len: int) -> int:
     """Clamp: any window >= seq_len - 1 is full attention, so they share one kernel."""
     return min(window, max(seq_len - 1, 0))
@@ -80,13 +93,15 @@ def make_kernel(
     threads: int = 128,
     num_stages: int = 2,
     dtype: str = "float16",
+    arch: str = "sm_90a",
 ):
     """Kernel factory: a ``T.prim_func`` computing O from Q, K, V for static shapes.
 
     Args: seq_len, head_dim: shapes of Q, K, V (seq_len, head_dim) in ``dtype``
     and O (seq_len, head_dim) float32. window: |i - j| <= window (clamped to
     seq_len - 1). block_m, block_n: query rows and keys per tile. threads: per
-    CTA. num_stages: depth of the K/V copy pipeline.
+    CTA. num_stages: depth of the K/V copy pipeline. arch: the CUDA target the
+    function will be compiled for (only the loop's form depends on it).
     """
     window = effective_window(window, seq_len)
     accum = "float32"
@@ -94,6 +109,20 @@ def make_kernel(
     # and exp2(x * scale - m * scale) is one FFMA and one MUFU.EX2.
     scale = LOG2E / math.sqrt(head_dim)
     neg_inf = -T.infinity(accum)
+
+    # The loop over key tiles [lo, hi) is written in one of two equivalent forms
+    # because TileLang 0.1.15 mis-lowers each on one target: Hopper's
+    # warp-specialised TMA pipeline trips its simplifier on the one-tile range
+    # [bx, bx + 1) (window 0, block_m == block_n), so there it counts 0 .. hi - lo;
+    # Ampere's cp.async pipeline emits a non-constant wait_group for that count
+    # form, so there it runs over [lo, hi) directly.
+    count_from_zero = arch.startswith("sm_9")
+
+    def loop_extent(lo, hi):
+        return (hi - lo,) if count_from_zero else (lo, hi)
+
+    def loop_base(lo):
+        return lo if count_from_zero else 0
 
     @T.prim_func
     def sliding_window_attention(
@@ -123,16 +152,21 @@ def make_kernel(
             T.fill(m, neg_inf)
 
             lo, hi = kv_tile_range(bx, seq_len, window, block_m, block_n, T.max, T.min)
-            for t in T.Pipelined(lo, hi, num_stages=num_stages):
+            for it in T.Pipelined(*loop_extent(lo, hi), num_stages=num_stages):
+                t = loop_base(lo) + it
                 T.copy(K[t * block_n, 0], k_s)
                 # Masking. Start the score tile at 0 where (query, key) is inside
                 # the window and the sequence, at -inf elsewhere; the GEMM adds
-                # onto it, and -inf + x stays -inf. This covers the partial
-                # tiles at both window edges and the ragged end of the sequence.
+                # onto it, and -inf + x stays -inf. Only the partial tiles at the
+                # window's two edges and at the ragged end of the sequence need
+                # this; interior tiles skip the per-element index arithmetic.
+                interior = tile_fully_visible(bx, t, seq_len, window, block_m, block_n, tir.all)
                 for i, j in T.Parallel(block_m, block_n):
                     qi = bx * block_m + i
                     kj = t * block_n + j
-                    s[i, j] = T.if_then_else((kj >= qi - window) and (kj <= qi + window) and (kj < seq_len), 0, neg_inf)
+                    s[i, j] = T.if_then_else(
+                        interior or ((kj >= qi - window) and (kj <= qi + window) and (kj < seq_len)), 0, neg_inf
+                    )
                 T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
 
                 # Online softmax: new running max, then rescale what came before.
@@ -194,7 +228,7 @@ def compile_kernel(
     arch: str = "sm_90a",
 ):
     """Compile ``make_kernel`` once per static configuration (cached)."""
-    func = make_kernel(seq_len, head_dim, effective_window(window, seq_len), dtype=dtype, **TILES[tile])
+    func = make_kernel(seq_len, head_dim, effective_window(window, seq_len), dtype=dtype, arch=arch, **TILES[tile])
     return tilelang.compile(func, target={"kind": "cuda", "arch": arch})
 
 
@@ -239,6 +273,7 @@ def sliding_window_attention_forward(
     window: int = ASSIGNMENT["window"],
     tile: str = "assignment",
     out: torch.Tensor | None = None,
+    arch: str | None = None,
 ) -> torch.Tensor:
     """Run the kernel on torch tensors.
 
@@ -247,12 +282,15 @@ def sliding_window_attention_forward(
         window: query i attends keys j with |i - j| <= window (>= 0).
         tile: a named tile configuration from configs/tiles.json.
         out: optional (seq_len, head_dim) float32 tensor to write into.
+        arch: compile for this CUDA arch instead of the device's own (the tests
+            run the sm_80 build on a Hopper card this way).
     Returns:
         (seq_len, head_dim) float32 attention output.
     """
     _check_inputs(q, k, v, window, out)
     dtype = next(name for name, t in DTYPES.items() if t == q.dtype)
-    kernel = compile_kernel(*q.shape, effective_window(window, q.shape[0]), tile, dtype, cuda_target(q.device)["arch"])
+    arch = arch or cuda_target(q.device)["arch"]
+    kernel = compile_kernel(*q.shape, effective_window(window, q.shape[0]), tile, dtype, arch)
     if out is None:
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     kernel(q, k, v, out)

@@ -113,6 +113,22 @@ def test_kv_tile_range_matches_brute_force(block_m, block_n):
             assert set(range(lo, hi)) == needed, (seq_len, window, qt, lo, hi, sorted(needed))
 
 
+@pytest.mark.parametrize("block_m,block_n", [(64, 64), (128, 64), (64, 128), (16, 48)])
+def test_tile_fully_visible_is_safe(block_m, block_n):
+    """The kernel skips the mask only on tiles where every pair is visible, and
+    (away from the ragged end) on every such tile."""
+    for seq_len, window in itertools.product([65, 200, 512, 1000], [0, 63, 64, 100, 128, 300]):
+        mask = ref.window_mask(seq_len, window)
+        for qt, kt in itertools.product(range(-(-seq_len // block_m)), range(-(-seq_len // block_n))):
+            rows = slice(qt * block_m, (qt + 1) * block_m)
+            block = mask[rows, kt * block_n : (kt + 1) * block_n]
+            all_visible = bool(block.all()) and (kt + 1) * block_n <= seq_len
+            claimed = solution.tile_fully_visible(qt, kt, seq_len, window, block_m, block_n)
+            assert not claimed or all_visible, (seq_len, window, qt, kt)
+            if (qt + 1) * block_m <= seq_len:
+                assert claimed == all_visible, (seq_len, window, qt, kt)
+
+
 # --- CPU: every shipped configuration compiles -----------------------------------
 
 
@@ -200,6 +216,18 @@ def test_kernel_matches_reference(case):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("seq_len,window", [(1, 0), (65, 127), (113, 7), (1000, 128), (2048, 0), (2048, 128)])
+def test_ampere_build_matches_reference(seq_len, window):
+    """The sm_80 build (cp.async pipeline instead of TMA) runs on Hopper too: check it here."""
+    q, k, v = make_qkv(seq_len, CARD["head_dim"], torch.float16, "cuda", seed=seq_len * 7 + window)
+    out = torch.full((seq_len, CARD["head_dim"]), float("nan"), device="cuda")
+    solution.sliding_window_attention_forward(q, k, v, window, out=out, arch="sm_80")
+    assert torch.isfinite(out).all()
+    assert ref.rel_err(out, ref.sliding_window_attention_ref(q, k, v, window)) < 3e-3
+
+
+@gpu
+@pytest.mark.gpu
 def test_card_prim_func_runs():
     """The module-level fixed-shape `sliding_window_attention` prim_func itself."""
     import tilelang
@@ -228,9 +256,13 @@ def test_window_constraint(seq_len, window):
         v2[outside] = torch.randn(int(outside.sum()), v.shape[1], generator=g).to(v2)
         assert torch.equal(run(k2, v2)[i], base[i]), f"row {i} saw a key outside its window"
         j = min(i + window, seq_len - 1)  # the window's far edge
-        k3 = k.clone()
-        k3[j] = -k3[j] * 3
-        assert not torch.equal(run(k3, v)[i], base[i]), f"row {i} ignored key {j} inside its window"
+        v3 = v.clone()
+        v3[j] = -v3[j] * 3
+        assert not torch.equal(run(k, v3)[i], base[i]), f"row {i} ignored value {j} inside its window"
+        if j != i:  # with one visible key its score cannot matter: softmax of one entry is 1
+            k3 = k.clone()
+            k3[j] = -k3[j] * 3
+            assert not torch.equal(run(k3, v)[i], base[i]), f"row {i} ignored key {j} inside its window"
 
 
 @gpu

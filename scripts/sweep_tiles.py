@@ -1,0 +1,100 @@
+"""Sweep tile configurations of the kernel on one GPU; prints one table.
+
+    python scripts/sweep_tiles.py [--seq 512 1024 2048] [--window 128]
+
+Compiles every variant in parallel worker processes first (TileLang's disk
+cache then serves the timing process), then times each by CUDA-graph replay
+(bench.kernel_us) next to the full-attention baselines. Feeds configs/tiles.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+VARIANTS = [
+    dict(block_m=bm, block_n=bn, threads=th, num_stages=st)
+    for bm, bn, th, st in [
+        (64, 64, 128, 2),
+        (64, 64, 128, 1),
+        (64, 64, 128, 3),
+        (64, 32, 128, 2),
+        (64, 128, 128, 2),
+        (64, 128, 128, 1),
+        (128, 64, 256, 2),
+        (128, 128, 256, 2),
+        (128, 32, 256, 2),
+    ]
+]
+
+
+def _compile(job):
+    import tilelang
+
+    import solution
+
+    seq, window, variant, fast = job
+    cfg = {"tl.enable_fast_math": True} if fast else {}
+    func = solution.make_kernel(seq, 64, window, **variant)
+    try:
+        tilelang.compile(func, target={"kind": "cuda", "arch": "sm_90a"}, pass_configs=cfg)
+        return job, None
+    except Exception as e:  # report, keep sweeping
+        return job, str(e).splitlines()[-1][:100]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seq", type=int, nargs="*", default=[512, 1024, 2048])
+    p.add_argument("--window", type=int, default=128)
+    args = p.parse_args()
+    jobs = [(s, args.window, v, f) for s in args.seq for v in VARIANTS for f in (False, True)]
+    jobs += [(s, s, VARIANTS[0], False) for s in args.seq]  # full attention, same kernel
+    with mp.get_context("spawn").Pool(12) as pool:
+        failed = {repr(j): e for j, e in pool.map(_compile, jobs) if e}
+
+    import tilelang
+    import torch
+
+    import bench
+    import reference as ref
+
+    rows = []
+    for job in jobs:
+        seq, window, variant, fast = job
+        if repr(job) in failed:
+            rows.append((seq, window, variant, fast, None, failed[repr(job)]))
+            continue
+        cfg = {"tl.enable_fast_math": True} if fast else {}
+        kernel = tilelang.compile(
+            __import__("solution").make_kernel(seq, 64, window, **variant),
+            target={"kind": "cuda", "arch": "sm_90a"},
+            pass_configs=cfg,
+        )
+        sets = bench.input_sets(seq, 64, torch.float16)
+        outs = [torch.empty(seq, 64, device="cuda") for _ in sets]
+        kernel(*sets[0], outs[0])
+        err = ref.rel_err(outs[0], ref.sliding_window_attention_ref(*sets[0], window))
+        us = bench.kernel_us([lambda s=s, o=o, k=kernel: k(*s, o) for s, o in zip(sets, outs, strict=True)])
+        rows.append((seq, window, variant, fast, us, f"{err:.1e}"))
+    tiny = torch.zeros(1, device="cuda")
+    print(f"empty-ish launch (tiny add_): {bench.kernel_us([lambda: tiny.add_(1)]):.2f} us")
+    for seq in args.seq:
+        sets = bench.input_sets(seq, 64, torch.float16)
+        print(f"seq {seq}: SDPA flash full {bench.kernel_us([lambda s=s: bench.sdpa_flash(*s) for s in sets]):.1f} us")
+    print("| seq | window | bm | bn | threads | stages | fast math | kernel us | rel err / error |")
+    print("|---:|---:|---:|---:|---:|---:|---|---:|---|")
+    for seq, window, v, fast, us, note in rows:
+        t = "-" if us is None else f"{us:.2f}"
+        print(
+            f"| {seq} | {window} | {v['block_m']} | {v['block_n']} | {v['threads']} | {v['num_stages']} "
+            f"| {fast} | {t} | {note} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
