@@ -121,8 +121,14 @@ def make_kernel(
     def loop_extent(lo, hi):
         return (hi - lo,) if count_from_zero else (lo, hi)
 
-    def loop_base(lo):
-        return lo if count_from_zero else 0
+    def key_tile(lo, it):
+        """Key tile index of loop iteration ``it`` (an expression, not a variable:
+        a Let inside the loop body would hide its statements from the pipeliner)."""
+        return lo + it if count_from_zero else it
+
+    def visible(qi, kj):
+        """The window, |qi - kj| <= window, and the sequence end."""
+        return tir.all(kj >= qi - window, kj <= qi + window, kj < seq_len)
 
     @T.prim_func
     def sliding_window_attention(
@@ -153,19 +159,19 @@ def make_kernel(
 
             lo, hi = kv_tile_range(bx, seq_len, window, block_m, block_n, T.max, T.min)
             for it in T.Pipelined(*loop_extent(lo, hi), num_stages=num_stages):
-                t = loop_base(lo) + it
-                T.copy(K[t * block_n, 0], k_s)
+                T.copy(K[key_tile(lo, it) * block_n, 0], k_s)
                 # Masking. Start the score tile at 0 where (query, key) is inside
                 # the window and the sequence, at -inf elsewhere; the GEMM adds
                 # onto it, and -inf + x stays -inf. Only the partial tiles at the
                 # window's two edges and at the ragged end of the sequence need
-                # this; interior tiles skip the per-element index arithmetic.
-                interior = tile_fully_visible(bx, t, seq_len, window, block_m, block_n, tir.all)
+                # the comparisons; on interior tiles ``tile_fully_visible`` is
+                # true and short-circuits them.
                 for i, j in T.Parallel(block_m, block_n):
-                    qi = bx * block_m + i
-                    kj = t * block_n + j
                     s[i, j] = T.if_then_else(
-                        interior or ((kj >= qi - window) and (kj <= qi + window) and (kj < seq_len)), 0, neg_inf
+                        tile_fully_visible(bx, key_tile(lo, it), seq_len, window, block_m, block_n, tir.all)
+                        or visible(bx * block_m + i, key_tile(lo, it) * block_n + j),
+                        0,
+                        neg_inf,
                     )
                 T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
 
@@ -188,8 +194,7 @@ def make_kernel(
                 T.copy(s, p)
                 for i, j in T.Parallel(block_m, head_dim):
                     acc[i, j] *= alpha[i]
-
-                T.copy(V[t * block_n, 0], v_s)
+                T.copy(V[key_tile(lo, it) * block_n, 0], v_s)
                 T.gemm(p, v_s, acc, policy=T.GemmWarpPolicy.FullRow)
 
             # Normalise and store. Rows past seq_len (ragged last tile) are not
