@@ -46,7 +46,7 @@ ASSIGNMENT = json.loads((CONFIGS / "assignment.json").read_text())
 TILES = {k: v for k, v in json.loads((CONFIGS / "tiles.json").read_text()).items() if not k.startswith("_")}
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-HEAD_DIMS = (16, 32, 64, 128, 256)  # multiples of the tensor-core k-step that fit in shared memory
+HEAD_DIMS = (64,)  # what the GPU tests cover; other multiples of 16 compile but are unverified
 LOG2E = 1.4426950408889634
 
 
@@ -110,8 +110,7 @@ def make_kernel(
         return (hi - lo,) if count_from_zero else (lo, hi)
 
     def key_tile(lo, it):
-        """Key tile index of loop iteration ``it`` (an expression, not a variable:
-        a Let inside the loop body would hide its statements from the pipeliner)."""
+        """Key tile index of loop iteration ``it``, in either loop form."""
         return lo + it if count_from_zero else it
 
     def visible(qi, kj):
@@ -259,7 +258,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
         raise ValueError(f"window must be an int >= 0, got {window!r}")
     if out is not None and (out.shape != q.shape or out.dtype != torch.float32 or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(q.shape)}")
-    devices = {x.device for x in (q, k, v) if True} | ({out.device} if out is not None else set())
+    devices = {x.device for x in (q, k, v)} | ({out.device} if out is not None else set())
     if any(d.type != "cuda" for d in devices) or len(devices) != 1:
         raise ValueError(f"q, k, v (and out) must be on one CUDA device, got {sorted(map(str, devices))}")
 
