@@ -1,7 +1,7 @@
 # Two commands on a fresh machine:  `make run`  (set up, compile, verify, time)  and  `make test`.
 PY ?= .venv/bin/python
 
-.PHONY: setup run test test-gpu bench lint clean
+.PHONY: setup run test test-gpu bench handout grade lint clean
 
 setup: .venv/.ready
 
@@ -15,7 +15,7 @@ run: setup      ## compile the assignment kernel; on a GPU also verify it and ti
 	$(PY) bench.py --assignment
 
 test: setup     ## CPU tests always run; GPU tests run when CUDA is available
-	$(PY) -m pytest test.py -q
+	$(PY) -m pytest test.py tests -q
 
 test-gpu: setup
 	$(PY) -m pytest test.py -q -m gpu
@@ -23,8 +23,14 @@ test-gpu: setup
 bench: setup    ## the seed's table: sliding window vs full attention at seq 512/1024/2048
 	$(PY) bench.py
 
+handout: setup  ## the student starter tree (solution parts -> TODOs) in build/handout
+	$(PY) course/handout.py build/handout
+
+grade: setup    ## make grade SUBMISSION=path/to/solution.py: score report in grade-report/
+	$(PY) course/grade.py $(SUBMISSION) --out grade-report
+
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 clean:
-	rm -rf .venv build *.egg-info .pytest_cache __pycache__
+	rm -rf .venv build grade-report *.egg-info .pytest_cache __pycache__

@@ -264,8 +264,10 @@ def run_bench(args) -> None:
         print(f"seq {seq_len}: best TileLang SWA {best:.2f}x the fastest full attention (seed target {target}x)")
 
 
-def run_assignment() -> None:
-    """`make run`: compile the card's kernel; on a GPU verify it and time it."""
+def run_assignment(json_path: str | None = None) -> None:
+    """`make run`: compile the card's kernel; on a GPU verify it and time it.
+
+    ``json_path``: also write the result there (the grader reads it)."""
     card = solution.ASSIGNMENT
     shape = f"Q, K, V ({card['seq_len']}, {card['head_dim']}) {card['dtype']}, window {card['window']}"
     if not torch.cuda.is_available():
@@ -291,8 +293,11 @@ def run_assignment() -> None:
     }
     for name, us in times.items():
         print(f"  {name:28s} {us:7.1f} us (kernel, CUDA graph)")
-    full = min(times["tilelang full (W>=S)"], times["SDPA flash full"])
-    print(f"  speedup over the fastest full attention: {full / times['tilelang SWA (assignment)']:.2f}x")
+    speedup = min(times["tilelang full (W>=S)"], times["SDPA flash full"]) / times["tilelang SWA (assignment)"]
+    print(f"  speedup over the fastest full attention: {speedup:.2f}x")
+    if json_path:
+        result = {"env": environment(), "rel_err": err, "ok": ok, "kernel_us": times, "speedup": speedup}
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     if not ok:
         sys.exit(1)
 
@@ -303,9 +308,10 @@ def main() -> None:
     p.add_argument("--measure-peaks", action="store_true", help="re-measure this card's peaks into configs/gpus.json")
     p.add_argument("--seq", type=int, nargs="*", help="override the sequence lengths of configs/bench.json")
     p.add_argument("--out", default=str(ROOT / "results"), help="folder for bench.json and bench.png")
+    p.add_argument("--json", help="with --assignment: write the result to this file")
     args = p.parse_args()
     if args.assignment:
-        run_assignment()
+        run_assignment(args.json)
     elif not torch.cuda.is_available():
         sys.exit("make bench needs a CUDA GPU; `make run` compiles the kernels without one.")
     else:

@@ -200,6 +200,21 @@ def test_kernel_matches_reference(case):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("seq_len,window", [(1000, 128), (65, 127), (2048, 0)])
+def test_no_writes_outside_the_output(seq_len, window):
+    """The output is a slice of a larger poisoned buffer: the rows before and
+    after it must keep their poison (catches out-of-bounds stores)."""
+    q, k, v = make_qkv(seq_len, CARD["head_dim"], torch.float16, "cuda", seed=seq_len + 1)
+    pad = 256
+    buf = torch.full((seq_len + 2 * pad, CARD["head_dim"]), 12345.0, device="cuda")
+    solution.sliding_window_attention_forward(q, k, v, window, out=buf[pad : pad + seq_len])
+    torch.cuda.synchronize()
+    assert (buf[:pad] == 12345.0).all() and (buf[pad + seq_len :] == 12345.0).all(), "wrote outside the output"
+    assert torch.isfinite(buf[pad : pad + seq_len]).all()
+
+
+@gpu
+@pytest.mark.gpu
 def test_card_prim_func_runs():
     """The module-level fixed-shape `sliding_window_attention` prim_func itself."""
     import tilelang
