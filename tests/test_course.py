@@ -74,11 +74,12 @@ def test_grader_scores_the_handout_without_crashing(starter):
 
 
 def broken_submission(name: str, tmp_path: Path) -> Path:
-    case = BROKEN[name]
     source = (ROOT / "solution.py").read_text()
-    assert source.count(case["find"]) == 1, f"{name}: the mutation no longer applies to solution.py"
+    for find, replace in BROKEN[name]["edits"]:
+        assert source.count(find) == 1, f"{name}: the mutation no longer applies to solution.py: {find!r}"
+        source = source.replace(find, replace)
     path = tmp_path / "solution.py"
-    path.write_text(source.replace(case["find"], case["replace"]))
+    path.write_text(source)
     return path
 
 
