@@ -157,3 +157,48 @@ def tile_working_set_bytes(block_m: int, block_n: int, head_dim: int, num_stages
     shared = block_m * head_dim * in_bytes + 2 * max(num_stages, 1) * block_n * head_dim * in_bytes
     registers = block_m * block_n * 4 + block_m * head_dim * 4
     return shared + registers
+
+
+# --- the general op (swattn.py): (batch, seq, heads, head_dim), GQA, every window --------
+
+
+def local_mask(
+    seq_len: int, left: int, right: int, dilation: int = 1, global_tokens: int = 0, device=None
+) -> torch.Tensor:
+    """Boolean (seq, seq) mask of the general window, True where query i sees key j:
+
+        j = i + k * dilation with -left <= k <= right,   or   i < G   or   j < G.
+
+    ``left = right = W, dilation = 1, G = 0`` is ``window_mask(seq, W)``; causal is right = 0.
+    """
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    offset = j - i
+    local = (offset >= -left * dilation) & (offset <= right * dilation) & (offset % dilation == 0)
+    return local | (i < global_tokens) | (j < global_tokens)
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None = None,
+    dtype: torch.dtype = torch.float64,
+    return_lse: bool = False,
+):
+    """Masked attention for q (batch, seq, q_heads, d), k/v (batch, seq, kv_heads, d).
+
+    GQA by repeating each K/V head over its group of query heads (the oracle may
+    copy; the kernel may not). Returns out (batch, seq, q_heads, d) in ``dtype``
+    and, with ``return_lse``, lse (batch, q_heads, seq) = logsumexp of the masked
+    scaled scores, natural log.
+    """
+    group = q.shape[2] // k.shape[2]
+    qt = q.to(dtype).transpose(1, 2)
+    kt = k.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    vt = v.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = (qt @ kt.transpose(-1, -2)) * _scale(q.shape[-1], scale)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = (torch.softmax(scores, dim=-1) @ vt).transpose(1, 2)
+    return (out, torch.logsumexp(scores, dim=-1)) if return_lse else out

@@ -1,0 +1,313 @@
+"""Sliding-window attention as a model would call it: batched, multi-head, GQA,
+any length, every window shape. TileLang forward kernel + launcher.
+
+Window (the repository's one definition, generalised):
+    query i attends key j  <=>  i - left <= j <= i + right          (the local window)
+                             or  j < global_tokens or i < global_tokens   (global tokens)
+with ``window=W`` meaning left = right = W and ``causal=True`` meaning right = 0.
+Dilation d: query i attends keys i + k * d with -left <= k <= right. A dilated
+window is an ordinary window over each residue class mod d, and with
+(batch, seq, heads, dim) storage the classes are a free view: (B, S, H, D) ->
+(B, S / d, d * H, D) puts class r in heads r * H .. r * H + H - 1.
+
+Layout: q (batch, seq, q_heads, head_dim), k and v (batch, seq, kv_heads,
+head_dim), q_heads % kv_heads == 0 (GQA/MQA; K/V are indexed per group, never
+repeated). Output (batch, seq, q_heads, head_dim) in the input dtype; with
+``return_lse`` also the log-sum-exp (batch, q_heads, seq) float32 in natural log.
+
+One compiled kernel per (head_dim, dtype, tile configuration, arch): batch,
+seq_len, head counts and the window are run-time values, so a whole test grid
+shares it.
+
+Status (2026-11-25): compiles for sm_90a and sm_80 and is checked on the CPU
+against reference.py's masks; the GPU tests in tests/test_swattn.py have not
+yet run on a card.
+"""
+
+# No `from __future__ import annotations`: TileLang evaluates the prim_func
+# annotations, and the dynamic sizes used only there must stay real objects.
+import functools
+import math
+
+import tilelang
+import tilelang.language as T
+import torch
+import tvm.tirx as tir  # tvm ships inside tilelang; importable once tilelang is
+
+DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+HEAD_DIMS = (64, 128)
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+TILES = {
+    # (block_m, block_n, threads, num_stages) per head_dim. Ampere's cp.async
+    # pipeline in TileLang 0.1.15 only lowers this loop form with one stage.
+    "sm_90a": {64: (64, 64, 128, 2), 128: (64, 64, 128, 2)},
+    "sm_80": {64: (64, 64, 128, 1), 128: (64, 64, 128, 1)},
+}
+
+
+def tile_config(head_dim: int, arch: str) -> tuple[int, int, int, int]:
+    return TILES["sm_90a" if arch.startswith("sm_9") else "sm_80"][head_dim]
+
+
+def key_tile_schedule(q_tile, seq_len, left, right, n_global, block_m: int, block_n: int, maximum=max, minimum=min):
+    """The key tiles query tile ``q_tile`` visits, as (n_global_tiles, lo, hi):
+    first tiles 0 .. n_global_tiles - 1 (the global keys), then lo .. hi - 1
+    (the local window, clipped to the sequence and past the global tiles).
+
+    A tile that holds a global query (row < n_global) sees every key: then
+    there are no separate global tiles and [lo, hi) is the whole sequence.
+    Used by the kernel with ``T.max``/``T.min`` and by the tests with Python's.
+    """
+    r0 = q_tile * block_m
+    n_tiles = (seq_len + block_n - 1) // block_n
+    has_global_row = r0 < n_global
+    g = (n_global + block_n - 1) // block_n
+    lo = maximum(r0 - left, 0) // block_n
+    hi = (minimum(r0 + block_m + right, seq_len) + block_n - 1) // block_n
+    if isinstance(has_global_row, bool):
+        if has_global_row:
+            return 0, 0, n_tiles
+        lo = maximum(lo, g)
+        return g, lo, maximum(hi, lo)
+    lo = maximum(lo, g)
+    return (
+        tir.Select(has_global_row, 0, g),
+        tir.Select(has_global_row, 0, lo),
+        tir.Select(has_global_row, n_tiles, maximum(hi, lo)),
+    )
+
+
+@functools.cache
+def make_forward(head_dim: int, dtype: str, arch: str = "sm_90a"):
+    """Kernel factory: forward sliding-window attention, all sizes and windows at run time."""
+    block_m, block_n, threads, num_stages = tile_config(head_dim, arch)
+    accum = "float32"
+    batch, seq_len = T.dynamic("batch"), T.dynamic("seq_len")
+    q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
+    scale_log2 = LOG2E / math.sqrt(head_dim)  # default softmax scale; the launcher rescales Q for others
+    neg_inf = -T.infinity(accum)
+
+    @T.prim_func
+    def forward(
+        Q: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
+        K: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
+        V: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
+        O: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
+        LSE: T.Tensor((batch, q_heads, seq_len), accum),
+        left: T.int32,
+        right: T.int32,
+        n_global: T.int32,
+        heads_per_class: T.int32,
+        kv_heads_per_class: T.int32,
+        true_seq_len: T.int32,
+        dilation: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(seq_len, block_m), q_heads, batch, threads=threads) as (bx, qh, b):
+            q_s = T.alloc_shared((block_m, head_dim), dtype)
+            k_s = T.alloc_shared((block_n, head_dim), dtype)
+            v_s = T.alloc_shared((block_n, head_dim), dtype)
+            s = T.alloc_fragment((block_m, block_n), accum)
+            p = T.alloc_fragment((block_m, block_n), dtype)
+            acc = T.alloc_fragment((block_m, head_dim), accum)
+            m = T.alloc_fragment((block_m,), accum)
+            m_prev = T.alloc_fragment((block_m,), accum)
+            m_tile = T.alloc_fragment((block_m,), accum)
+            m_safe = T.alloc_fragment((block_m,), accum)
+            alpha = T.alloc_fragment((block_m,), accum)
+            l = T.alloc_fragment((block_m,), accum)
+            l_tile = T.alloc_fragment((block_m,), accum)
+
+            # GQA and dilation classes: q head qh = r * heads_per_class + h reads
+            # kv head r * kv_heads_per_class + h // group.
+            group = heads_per_class // kv_heads_per_class
+            kvh = (qh // heads_per_class) * kv_heads_per_class + (qh % heads_per_class) // group
+            # Class r holds positions r, r + d, ...: (true_seq_len - r) / d of them,
+            # rounded up. Keys past that are the launcher's padding: never visible.
+            valid = class_len(true_seq_len, qh // heads_per_class, dilation)
+
+            T.copy(Q[b, bx * block_m : (bx + 1) * block_m, qh, :], q_s)
+            T.fill(acc, 0)
+            T.fill(l, 0)
+            T.fill(m, neg_inf)
+
+            n_g, lo, hi = key_tile_schedule(bx, valid, left, right, n_global, block_m, block_n, T.max, T.min)
+            for it in T.Pipelined(n_g + hi - lo, num_stages=num_stages):
+                T.copy(K[b, tile_of(it, n_g, lo) * block_n : (tile_of(it, n_g, lo) + 1) * block_n, kvh, :], k_s)
+                for i, j in T.Parallel(block_m, block_n):
+                    qi = bx * block_m + i
+                    kj = tile_of(it, n_g, lo) * block_n + j
+                    s[i, j] = T.if_then_else(
+                        tir.all(
+                            kj < valid,
+                            tir.any(tir.all(kj >= qi - left, kj <= qi + right), kj < n_global, qi < n_global),
+                        ),
+                        0,
+                        neg_inf,
+                    )
+                T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+
+                T.copy(m, m_prev)
+                T.reduce_max(s, m_tile, dim=1, clear=True)
+                for i in T.Parallel(block_m):
+                    m[i] = T.max(m_prev[i], m_tile[i])
+                    # -inf max (no visible key yet): exponentiate against 0, not -inf.
+                    m_safe[i] = T.if_then_else(m[i] == neg_inf, 0, m[i])
+                    alpha[i] = T.exp2(m_prev[i] * scale_log2 - m_safe[i] * scale_log2)
+                for i, j in T.Parallel(block_m, block_n):
+                    s[i, j] = T.exp2(s[i, j] * scale_log2 - m_safe[i] * scale_log2)
+                T.reduce_sum(s, l_tile, dim=1)
+                for i in T.Parallel(block_m):
+                    l[i] = l[i] * alpha[i] + l_tile[i]
+                T.copy(s, p)
+                for i, j in T.Parallel(block_m, head_dim):
+                    acc[i, j] *= alpha[i]
+                T.copy(V[b, tile_of(it, n_g, lo) * block_n : (tile_of(it, n_g, lo) + 1) * block_n, kvh, :], v_s)
+                T.gemm(p, v_s, acc, policy=T.GemmWarpPolicy.FullRow)
+
+            for i, j in T.Parallel(block_m, head_dim):
+                if bx * block_m + i < seq_len:
+                    O[b, bx * block_m + i, qh, j] = T.if_then_else(l[i] > 0, acc[i, j] / l[i], 0)
+            for i in T.Parallel(block_m):
+                if bx * block_m + i < seq_len:
+                    # lse in natural-log units: (m * scale_log2 + log2 l) * ln 2.
+                    LSE[b, qh, bx * block_m + i] = T.if_then_else(
+                        l[i] > 0, (m_safe[i] * scale_log2 + T.log2(l[i])) * LN2, neg_inf
+                    )
+
+    return forward
+
+
+def tile_of(it, n_global_tiles, lo):
+    """Key tile of loop iteration ``it``: the global tiles first, then the window's."""
+    return T.if_then_else(it < n_global_tiles, it, lo + it - n_global_tiles)
+
+
+def cuda_arch(device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}{'a' if major == 9 else ''}"
+
+
+@functools.cache
+def compiled_forward(head_dim: int, dtype: str, arch: str):
+    return tilelang.compile(
+        make_forward(head_dim, dtype, arch),
+        target={"kind": "cuda", "arch": arch},
+        pass_configs={"tl.enable_fast_math": True},
+    )
+
+
+def normalize_window(window, causal: bool, seq_len: int) -> tuple[int, int]:
+    """(left, right) from an int W or a pair, with causal -> right = 0, clamped to seq_len - 1."""
+    if isinstance(window, bool) or not isinstance(window, (int, tuple, list)):
+        raise TypeError(f"window must be an int or a (left, right) pair, got {window!r}")
+    left, right = (window, window) if isinstance(window, int) else tuple(window)
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (left, right)) or min(left, right) < 0:
+        raise ValueError(f"window sizes must be ints >= 0, got {window!r}")
+    if causal:
+        right = 0
+    cap = max(seq_len - 1, 0)
+    return min(left, cap), min(right, cap)
+
+
+def _check(q, k, v, dilation, global_tokens, scale):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
+    if q.dtype not in DTYPES or not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must all be float16 or all bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    (b, s, hq, d), (bk, sk, hk, dk) = q.shape, k.shape
+    if k.shape != v.shape or (b, s, d) != (bk, sk, dk):
+        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {d}")
+    if s < 1 or hk < 1 or hq % hk:
+        raise ValueError(f"need seq >= 1 and q_heads % kv_heads == 0, got seq {s}, heads {hq} / {hk}")
+    if not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
+    if not isinstance(global_tokens, int) or global_tokens < 0:
+        raise ValueError(f"global_tokens must be an int >= 0, got {global_tokens!r}")
+    if dilation > 1 and global_tokens:
+        raise NotImplementedError("dilation together with global tokens is not supported")
+    if scale is not None and not (isinstance(scale, float | int) and scale > 0):
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    if any(x.device.type != "cuda" for x in (q, k, v)) or len({x.device for x in (q, k, v)}) != 1:
+        raise ValueError("q, k, v must be on one CUDA device")
+
+
+def class_len(seq_len: int, r, dilation: int):
+    """Positions r, r + d, r + 2d, ... below seq_len: how many (the kernel's formula)."""
+    return (seq_len - r + dilation - 1) // dilation
+
+
+def to_classes(x: torch.Tensor, dilation: int) -> torch.Tensor:
+    """(B, S, H, D) -> (B, ceil(S / d), d * H, D): head r * H + h holds positions
+    r, r + d, ... of head h. A view when d divides S; otherwise S is padded
+    (a copy) and the kernel hides the padding via ``class_len``."""
+    b, s, h, d = x.shape
+    pad = (-s) % dilation
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+    return x.view(b, (s + pad) // dilation, dilation * h, d)
+
+
+def from_classes(out: torch.Tensor, lse: torch.Tensor, seq_len: int, dilation: int):
+    """Inverse of ``to_classes`` for the output (a view) and the lse (B, d * H, S / d) -> (B, H, S)."""
+    b, sd, dh, d = out.shape
+    h = dh // dilation
+    out = out.view(b, sd * dilation, h, d)[:, :seq_len]
+    lse = lse.view(b, dilation, h, sd).permute(0, 2, 3, 1).reshape(b, h, sd * dilation)[:, :, :seq_len]
+    return out, lse
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | tuple[int, int],
+    *,
+    causal: bool = False,
+    dilation: int = 1,
+    global_tokens: int = 0,
+    scale: float | None = None,
+    return_lse: bool = False,
+    layout: str = "bshd",
+):
+    """Forward sliding-window attention.
+
+    Args:
+        q: (batch, seq, q_heads, head_dim); k, v: (batch, seq, kv_heads, head_dim),
+            float16 or bfloat16, CUDA. ``layout="bhsd"`` takes (batch, heads, seq,
+            head_dim) instead (transposed to bshd; non-contiguous inputs are
+            copied to contiguous ones first).
+        window: W (|i - j| <= W) or (left, right); >= seq is full attention.
+        causal: right = 0. dilation: keys i + k * d, -left <= k <= right.
+        global_tokens: the first G positions attend to, and are attended by, all.
+        scale: softmax scale, default 1 / sqrt(head_dim).
+        return_lse: also return the log-sum-exp (batch, q_heads, seq), float32, natural log.
+    Returns:
+        out (same layout as q), and lse if ``return_lse``.
+    """
+    if layout not in ("bshd", "bhsd"):
+        raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
+    if layout == "bhsd":
+        q, k, v = (x.transpose(1, 2) if isinstance(x, torch.Tensor) else x for x in (q, k, v))
+    _check(q, k, v, dilation, global_tokens, scale)
+    b, s, hq, d = q.shape
+    hk = k.shape[2]
+    left, right = normalize_window(window, causal, s)
+    if scale is not None:  # the kernel applies 1/sqrt(d): fold the ratio into q
+        q = q * (scale * math.sqrt(d))
+    q, k, v = (x.contiguous() for x in (q, k, v))  # a no-op for contiguous inputs
+    qv, kv, vv = (to_classes(x, dilation) for x in (q, k, v))
+    out = torch.empty_like(qv)
+    lse = torch.empty(b, qv.shape[2], qv.shape[1], device=q.device, dtype=torch.float32)
+    kernel = compiled_forward(d, DTYPES[q.dtype], cuda_arch(q.device))
+    sd = qv.shape[1]
+    kernel(qv, kv, vv, out, lse, min(left, sd - 1), min(right, sd - 1), global_tokens, hq, hk, s, dilation)
+    out, lse = from_classes(out, lse, s, dilation)
+    if layout == "bhsd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out

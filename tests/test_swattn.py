@@ -1,0 +1,200 @@
+"""The general op (swattn.py): CPU checks of its pieces and masks; GPU checks of the kernel.
+
+Window: query i sees key j iff j = i + k * dilation with -left <= k <= right,
+or either index is below global_tokens (reference.local_mask).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference as ref
+import swattn
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def rand(*shape, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
+
+
+# --- CPU: masks and references -----------------------------------------------------
+
+
+def test_local_mask_generalises_the_assignment_window():
+    for seq_len, w in [(50, 0), (50, 3), (50, 49), (7, 100)]:
+        assert torch.equal(ref.local_mask(seq_len, w, w), ref.window_mask(seq_len, w))
+    causal = ref.local_mask(6, 2, 0)
+    assert causal[4].nonzero().flatten().tolist() == [2, 3, 4]
+    dilated = ref.local_mask(20, 2, 1, dilation=3)
+    assert dilated[10].nonzero().flatten().tolist() == [4, 7, 10, 13]
+    glob = ref.local_mask(10, 1, 1, global_tokens=2)
+    assert glob[0].all() and glob[:, 1].all() and glob[6].nonzero().flatten().tolist() == [0, 1, 5, 6, 7]
+
+
+def test_local_mask_matches_flex_attention_semantics():
+    """The same window written as a FlexAttention mask_mod gives the same mask."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    left, right, dilation, g = 5, 2, 2, 3
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        off = kv_idx - q_idx
+        local = (off >= -left * dilation) & (off <= right * dilation) & (off % dilation == 0)
+        return local | (q_idx < g) | (kv_idx < g)
+
+    mask = flex.create_mask(mask_mod, 1, 1, 40, 40, device="cpu")[0, 0]
+    assert torch.equal(mask, ref.local_mask(40, left, right, dilation, g))
+
+
+@pytest.mark.parametrize("hq,hk", [(4, 4), (4, 2), (4, 1)])
+def test_attention_ref_matches_sdpa(hq, hk):
+    q, k, v = rand(2, 33, hq, 16, seed=1), rand(2, 33, hk, 16, seed=2), rand(2, 33, hk, 16, seed=3)
+    mask = ref.local_mask(33, 4, 1, dilation=2, global_tokens=1)
+    out, lse = ref.attention_ref(q, k, v, mask, return_lse=True)
+    kk, vv = (x.repeat_interleave(hq // hk, dim=2) for x in (k, v))
+    sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=mask)
+    assert ref.rel_err(out, sdpa.transpose(1, 2)) < 1e-12
+    scores = (q.transpose(1, 2) @ kk.permute(0, 2, 3, 1)) / 4.0
+    assert torch.allclose(lse, torch.logsumexp(scores.masked_fill(~mask, float("-inf")), -1))
+
+
+@pytest.mark.parametrize("seq_len,dilation", [(12, 1), (12, 3), (10, 3), (11, 4), (5, 7)])
+def test_dilation_as_head_classes(seq_len, dilation):
+    """The launcher's trick, with the reference as the kernel: a dilated window is
+    an ordinary window over each residue class, and the classes are heads."""
+    left, right, hq, hk = 2, 1, 4, 2
+    q, k, v = rand(1, seq_len, hq, 8, seed=4), rand(1, seq_len, hk, 8, seed=5), rand(1, seq_len, hk, 8, seed=6)
+    qv, kv, vv = (swattn.to_classes(x, dilation) for x in (q, k, v))
+    sd = qv.shape[1]
+    out = torch.empty_like(qv)
+    lse = torch.empty(1, qv.shape[2], sd, dtype=torch.float64)
+    for r in range(dilation):  # what the kernel does per head: class-local window, padding hidden
+        valid = swattn.class_len(seq_len, r, dilation)
+        mask = ref.local_mask(sd, left, right) & (torch.arange(sd)[None, :] < valid)
+        heads = slice(r * hq, (r + 1) * hq)
+        o, l_ = ref.attention_ref(
+            qv[:, :, heads], kv[:, :, r * hk : (r + 1) * hk], vv[:, :, r * hk : (r + 1) * hk], mask, return_lse=True
+        )
+        out[:, :, heads], lse[:, heads] = o, l_
+    out, lse = swattn.from_classes(out, lse, seq_len, dilation)
+    want, want_lse = ref.attention_ref(q, k, v, ref.local_mask(seq_len, left, right, dilation), return_lse=True)
+    assert ref.rel_err(out, want) < 1e-12
+    assert torch.allclose(lse, want_lse)
+
+
+# --- CPU: the tile schedule the kernel walks --------------------------------------
+
+
+@pytest.mark.parametrize("block_m,block_n", [(64, 64), (64, 32), (32, 64)])
+def test_key_tile_schedule_matches_brute_force(block_m, block_n):
+    grid = itertools.product([1, 63, 65, 200, 513], [(0, 0), (1, 1), (127, 0), (10, 100), (600, 600)], [0, 1, 16, 70])
+    for seq_len, (left, right), g in grid:
+        left, right = min(left, seq_len - 1), min(right, seq_len - 1)
+        mask = ref.local_mask(seq_len, left, right, global_tokens=g)
+        for qt in range(-(-seq_len // block_m)):
+            needed = {j // block_n for j in mask[qt * block_m : (qt + 1) * block_m].any(0).nonzero().flatten().tolist()}
+            n_g, lo, hi = swattn.key_tile_schedule(qt, seq_len, left, right, g, block_m, block_n)
+            visited = list(range(n_g)) + list(range(lo, hi))
+            assert len(visited) == len(set(visited)), "a tile visited twice"
+            assert set(visited) == needed, (seq_len, left, right, g, qt)
+
+
+# --- CPU: arguments -------------------------------------------------------------------
+
+
+def test_normalize_window():
+    assert swattn.normalize_window(5, False, 100) == (5, 5)
+    assert swattn.normalize_window((7, 2), False, 100) == (7, 2)
+    assert swattn.normalize_window(5, True, 100) == (5, 0)
+    assert swattn.normalize_window(10**9, False, 100) == (99, 99)
+    for bad in (-1, (1, -2), 2.0, True, "3", (1, 2, 3)):
+        with pytest.raises((TypeError, ValueError)):
+            swattn.normalize_window(bad, False, 100)
+
+
+BAD = {
+    "3-D": (lambda q, k, v: (q[0], k[0], v[0]), {}, ValueError, "batch, seq, heads"),
+    "float32": (lambda q, k, v: (q.float(), k.float(), v.float()), {}, TypeError, "float16"),
+    "heads": (lambda q, k, v: (q[:, :, :3], k, v), {}, ValueError, "q_heads % kv_heads"),
+    "head_dim": (lambda q, k, v: (q[..., :32], k[..., :32], v[..., :32]), {}, ValueError, "head_dim"),
+    "seq mismatch": (lambda q, k, v: (q, k[:, :5], v[:, :5]), {}, ValueError, "shapes"),
+    "dilation": (lambda q, k, v: (q, k, v), {"dilation": 0}, ValueError, "dilation"),
+    "global": (lambda q, k, v: (q, k, v), {"global_tokens": -1}, ValueError, "global_tokens"),
+    "dilated global": (lambda q, k, v: (q, k, v), {"dilation": 2, "global_tokens": 1}, NotImplementedError, "not"),
+    "scale": (lambda q, k, v: (q, k, v), {"scale": -1.0}, ValueError, "scale"),
+    "layout": (lambda q, k, v: (q, k, v), {"layout": "sbhd"}, ValueError, "layout"),
+    "cpu": (lambda q, k, v: (q, k, v), {}, ValueError, "CUDA"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_rejects_bad_input(case):
+    make, kwargs, error, words = BAD[case]
+    q, k, v = (
+        rand(2, 16, 4, 64, dtype=torch.float16),
+        rand(2, 16, 2, 64, dtype=torch.float16),
+        rand(2, 16, 2, 64, dtype=torch.float16),
+    )
+    with pytest.raises(error, match=words):
+        swattn.sliding_window_attention(*make(q, k, v), 3, **kwargs)
+
+
+# --- CPU: every configuration compiles -------------------------------------------------
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(64, "float16"), (128, "bfloat16"), (64, "bfloat16"), (128, "float16")])
+def test_compiles_sm90a(head_dim, dtype):
+    assert "forward" in swattn.compiled_forward(head_dim, dtype, "sm_90a").get_kernel_source()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_dim,dtype", [(64, "float16"), (128, "bfloat16"), (64, "bfloat16"), (128, "float16")])
+def test_compiles_sm80(head_dim, dtype):
+    """~3 minutes each (TileLang's Ampere lowering of the dynamic-shape kernel): `-m slow`."""
+    assert "forward" in swattn.compiled_forward(head_dim, dtype, "sm_80").get_kernel_source()
+
+
+# --- GPU -------------------------------------------------------------------------------
+
+# (batch, q_heads, kv_heads, seq, window, causal, dilation, global_tokens)
+GPU_CASES = [
+    (2, 4, 4, 1, 0, False, 1, 0),
+    (2, 4, 2, 63, 1, False, 1, 0),
+    (1, 4, 1, 65, 127, False, 1, 0),
+    (2, 4, 4, 1000, 128, False, 1, 0),
+    (1, 8, 2, 1000, (200, 17), False, 1, 0),
+    (1, 4, 4, 777, 64, True, 1, 0),
+    (1, 4, 2, 1024, 5000, False, 1, 0),
+    (1, 4, 4, 1000, 30, False, 2, 0),
+    (1, 4, 2, 999, 21, True, 3, 0),
+    (1, 4, 4, 1000, 50, False, 1, 1),
+    (2, 4, 2, 700, 33, True, 1, 16),
+]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", range(len(GPU_CASES)))
+def test_kernel_matches_reference(case, head_dim, dtype):
+    b, hq, hk, s, window, causal, dil, g = GPU_CASES[case]
+    q = rand(b, s, hq, head_dim, dtype=dtype, device="cuda", seed=case)
+    k = rand(b, s, hk, head_dim, dtype=dtype, device="cuda", seed=case + 100)
+    v = rand(b, s, hk, head_dim, dtype=dtype, device="cuda", seed=case + 200)
+    out, lse = swattn.sliding_window_attention(
+        q, k, v, window, causal=causal, dilation=dil, global_tokens=g, return_lse=True
+    )
+    left, right = swattn.normalize_window(window, causal, s)
+    mask = ref.local_mask(s, left, right, dil, g, device="cuda")
+    want, want_lse = ref.attention_ref(q, k, v, mask, return_lse=True)
+    torch_err = ref.rel_err(ref.attention_ref(q, k, v, mask, dtype=dtype), want)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert ref.rel_err(out, want) <= 2 * torch_err + 1e-4
+    assert (lse.double() - want_lse).abs().max() < 1e-3
