@@ -19,6 +19,10 @@ One compiled kernel per (head_dim, dtype, tile configuration, arch): batch,
 seq_len, head counts and the window are run-time values, so a whole test grid
 shares it.
 
+The online-softmax block repeats solution.py's on purpose: solution.py is the
+course's self-contained teaching kernel, whose student handout removes exactly
+that block, so it cannot call shared code for it.
+
 Status (2026-11-25): compiles for sm_90a and sm_80 and is checked on the CPU
 against reference.py's masks; the GPU tests in tests/test_swattn.py have not
 yet run on a card.
