@@ -23,6 +23,10 @@ The online-softmax block repeats solution.py's on purpose: solution.py is the
 course's self-contained teaching kernel, whose student handout removes exactly
 that block, so it cannot call shared code for it.
 
+Also here: ``SlidingWindowAttention`` / ``GroupedQueryAttention``, a Llama-shaped
+nn.Module (q/k/v/o projections) that runs this op on CUDA and SDPA with the same
+window as a dense mask elsewhere.
+
 Status (2026-11-25): compiles for sm_90a and sm_80 and is checked on the CPU
 against reference.py's masks; the GPU tests in tests/test_swattn.py have not
 yet run on a card.
@@ -36,6 +40,7 @@ import math
 import tilelang
 import tilelang.language as T
 import torch
+import torch.nn.functional as F
 import tvm.tirx as tir  # tvm ships inside tilelang; importable once tilelang is
 
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -315,3 +320,66 @@ def sliding_window_attention(
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+def dense_mask(seq_len: int, left: int, right: int, dilation: int = 1, global_tokens: int = 0, device=None):
+    """The window as a (seq, seq) boolean matrix, for the CPU path of the module
+    (the tests check it against reference.local_mask)."""
+    offset = torch.arange(seq_len, device=device)[None, :] - torch.arange(seq_len, device=device)[:, None]
+    local = (offset >= -left * dilation) & (offset <= right * dilation) & (offset % dilation == 0)
+    idx = torch.arange(seq_len, device=device)
+    return local | (idx[:, None] < global_tokens) | (idx[None, :] < global_tokens)
+
+
+class SlidingWindowAttention(torch.nn.Module):
+    """Attention layer in the shape of Llama's (q/k/v/o projections, no rotary
+    embedding), with the sliding window of ``sliding_window_attention``.
+
+    Input and output (batch, seq, hidden_size). On CUDA with float16/bfloat16 and
+    a supported head_dim it runs the TileLang kernel; otherwise PyTorch's SDPA
+    with the same window as a dense mask (K/V heads repeated there: it is the
+    slow path). ``num_kv_heads < num_heads`` is grouped-query attention.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        window: int | tuple[int, int] = 128,
+        causal: bool = True,
+        dilation: int = 1,
+        global_tokens: int = 0,
+        bias: bool = False,
+    ):
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if hidden_size % num_heads or num_heads % num_kv_heads:
+            raise ValueError("need hidden_size % num_heads == 0 and num_heads % num_kv_heads == 0")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.window, self.causal, self.dilation, self.global_tokens = window, causal, dilation, global_tokens
+        self.q_proj = torch.nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias)
+        self.k_proj = torch.nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = torch.nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = torch.nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        opts = dict(causal=self.causal, dilation=self.dilation, global_tokens=self.global_tokens)
+        if x.is_cuda and x.dtype in DTYPES and self.head_dim in HEAD_DIMS:
+            o = sliding_window_attention(q, k, v, self.window, **opts)
+        else:
+            left, right = normalize_window(self.window, self.causal, s)
+            mask = dense_mask(s, left, right, self.dilation, self.global_tokens, device=x.device)
+            group = self.num_heads // self.num_kv_heads
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
+        return self.o_proj(o.reshape(b, s, self.num_heads * self.head_dim))
+
+
+GroupedQueryAttention = SlidingWindowAttention  # the same layer; GQA when num_kv_heads < num_heads

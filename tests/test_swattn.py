@@ -198,3 +198,45 @@ def test_kernel_matches_reference(case, head_dim, dtype):
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert ref.rel_err(out, want) <= 2 * torch_err + 1e-4
     assert (lse.double() - want_lse).abs().max() < 1e-3
+
+
+# --- the nn.Module ----------------------------------------------------------------------
+
+
+def hf_style_attention(module: swattn.SlidingWindowAttention, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Llama's eager attention, written out: repeat_kv, additive finfo.min mask, softmax in float32."""
+    b, s, _ = x.shape
+    h, hk, d = module.num_heads, module.num_kv_heads, module.head_dim
+    q = module.q_proj(x).view(b, s, h, d).transpose(1, 2)
+    k = module.k_proj(x).view(b, s, hk, d).transpose(1, 2)
+    v = module.v_proj(x).view(b, s, hk, d).transpose(1, 2)
+    k, v = (t[:, :, None].expand(b, hk, h // hk, s, d).reshape(b, h, s, d) for t in (k, v))
+    additive = torch.zeros(s, s, dtype=x.dtype).masked_fill(~mask, torch.finfo(x.dtype).min)
+    weights = torch.softmax((q @ k.transpose(2, 3)) * d**-0.5 + additive, dim=-1, dtype=torch.float32).to(x.dtype)
+    return module.o_proj((weights @ v).transpose(1, 2).reshape(b, s, h * d))
+
+
+def test_dense_mask_is_the_reference_mask():
+    for args in [(40, 3, 3), (40, 5, 0), (41, 4, 2, 3), (40, 2, 2, 1, 5), (1, 0, 0)]:
+        assert torch.equal(swattn.dense_mask(*args), ref.local_mask(*args))
+
+
+@pytest.mark.parametrize("heads,kv_heads,window,causal", [(4, 4, 8, True), (4, 2, (6, 3), False), (8, 1, 100, True)])
+def test_module_cpu_matches_hf_style_reference(heads, kv_heads, window, causal):
+    torch.manual_seed(0)
+    layer = swattn.SlidingWindowAttention(64, heads, kv_heads, window=window, causal=causal).double()
+    x = rand(2, 37, 64, seed=9)
+    left, right = swattn.normalize_window(window, causal, 37)
+    want = hf_style_attention(layer, x, ref.local_mask(37, left, right))
+    assert ref.rel_err(layer(x), want) < 1e-6  # HF's softmax runs in float32 even for float64 inputs
+
+
+@gpu
+@pytest.mark.gpu
+def test_module_cuda_kernel_matches_cpu_path():
+    torch.manual_seed(0)
+    layer = swattn.GroupedQueryAttention(512, 8, 2, window=64, causal=True)
+    x = rand(2, 300, 512, dtype=torch.float32, seed=10)
+    want = layer(x)  # CPU: the SDPA path, float32
+    got = layer.to("cuda", torch.bfloat16)(x.to("cuda", torch.bfloat16))
+    assert ref.rel_err(got.float().cpu(), want) < 2e-2
