@@ -63,7 +63,10 @@ def _head(text: str) -> str:
 
 def _run(cmd: list[str], cwd: Path, timeout: float) -> tuple[int | None, str]:
     """Run a step; (exit code or None on timeout, combined output)."""
-    env = dict(os.environ, PYTHONPATH=str(cwd), PYTHONDONTWRITEBYTECODE="1")
+    # The tree first; inherited entries (an unpacked tilelang, say) after it, minus
+    # this repository, whose solution.py must never stand in for the submission's.
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cwd), *inherited]), PYTHONDONTWRITEBYTECODE="1")
     try:
         p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
         return p.returncode, p.stdout + p.stderr

@@ -58,10 +58,14 @@ def test_handout_imports_and_fails_clearly(starter):
 
 
 def test_grader_gives_the_solution_full_marks():
+    """Every test line full marks; the speedup line passes with the band its measured speedup earns."""
     lines = grade.grade(ROOT / "solution.py", has_cuda=HAS_CUDA)
     for line in lines:
-        if line.status != "skipped":
-            assert line.status == "pass" and line.points == line.max_points, line
+        if line.status == "skipped":
+            continue
+        assert line.status == "pass", line
+        if line.item != "speedup over full attention":
+            assert line.points == line.max_points, line
     assert sum(ln.max_points for ln in lines) == 100
 
 

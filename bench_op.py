@@ -1,0 +1,204 @@
+"""Benchmark of the general op (swattn.py) against its peers, on the shapes of
+configs/bench_op.json (issue 3): batched, multi-head, GQA, long sequences.
+
+    python bench_op.py                 # every shape, fp16 and bf16
+    python bench_op.py --dtypes float16 --out results/op
+
+Columns, per shape and dtype (medians of triton.testing.do_bench, inputs made
+once outside the timing):
+  swattn      this repository's TileLang kernel, (batch, seq, heads, dim) in
+  flex        torch.compile(flex_attention) with a BlockMask of the same window
+  sdpa        SDPA flash on the whole sequence (causal when right = 0): the
+              full-attention cost a sliding window saves
+TFLOP/s counts only the (query, key) pairs inside the window; % floor is the
+roofline floor max(FLOPs / peak, bytes / bandwidth) over the time, with the
+card's peaks from configs/gpus.json (bench.card_peaks). "err vs flex" is
+||swattn - flex|| / ||flex||, a sanity column: tests/test_swattn.py holds the
+real correctness checks against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import reference as ref
+import swattn
+from bench import card_peaks, environment
+
+ROOT = Path(__file__).resolve().parent
+CONFIG = json.loads((ROOT / "configs" / "bench_op.json").read_text())
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def visible_pairs(seq_len: int, left: int, right: int) -> int:
+    """(query, key) pairs inside the window |clipped to the sequence|, summed over queries."""
+    i = torch.arange(seq_len)
+    return int((torch.clamp(i + right, max=seq_len - 1) - torch.clamp(i - left, min=0) + 1).sum())
+
+
+def floor_us(sh: dict, flops: float, peaks: dict, elem: int = 2) -> float:
+    b, s, d = sh["batch"], sh["seq"], sh["head_dim"]
+    bytes_ = elem * b * s * d * (2 * sh["q_heads"] + 2 * sh["kv_heads"])  # Q, O and K, V once each
+    return max(flops / (peaks["fp16_tflops"] * 1e12), bytes_ / (peaks["bandwidth_gbps"] * 1e9)) * 1e6
+
+
+def flex_impl(sh: dict):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    left, right = sh["left"], sh["right"]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= q_idx - left) & (kv_idx <= q_idx + right)
+
+    # One compile per shape and dtype: more than dynamo's default limit of 8 recompiles,
+    # past which it would silently run flex_attention eagerly (O(S^2) memory).
+    torch._dynamo.config.recompile_limit = 64
+    block_mask = create_block_mask(mask_mod, None, None, sh["seq"], sh["seq"], device="cuda")
+    compiled = torch.compile(flex_attention, dynamic=False)
+    gqa = sh["q_heads"] != sh["kv_heads"]
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def sdpa_impl(sh: dict):
+    group = sh["q_heads"] // sh["kv_heads"]
+
+    def run(q, k, v):
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=sh["right"] == 0)
+
+    return run, group
+
+
+def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict) -> list[dict]:
+    from triton.testing import do_bench
+
+    b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, s, hq, d, device="cuda", dtype=dtype, generator=g)
+    k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, H, S, D) for flex and SDPA
+    sdpa, group = sdpa_impl(sh)
+    kr, vr = (x.repeat_interleave(group, dim=1) for x in (kt, vt))  # SDPA flash: no GQA; full-attention cost only
+    window = (sh["left"], sh["right"])
+    flex = flex_impl(sh)
+    impls = {
+        "swattn": lambda: swattn.sliding_window_attention(q, k, v, window),
+        "flex": lambda: flex(qt, kt, vt),
+        "sdpa " + ("causal" if sh["right"] == 0 else "full"): lambda: sdpa(qt, kr, vr),
+    }
+    err = ref.rel_err(impls["swattn"]().transpose(1, 2), impls["flex"]())
+    flops = 4 * b * hq * d * visible_pairs(s, *window)
+    floor = floor_us(sh, flops, peaks)
+    rows = []
+    for name, fn in impls.items():
+        us = do_bench(fn, warmup=50, rep=200, return_mode="median") * 1e3
+        rows.append(
+            {
+                **sh,
+                "dtype": str(dtype).removeprefix("torch."),
+                "impl": name,
+                "us": us,
+                "tflops": flops / us / 1e6,
+                "pct_floor": 100 * floor / us,
+                "floor_us": floor,
+                "err_vs_flex": err,
+            }
+        )
+    flex_us = rows[1]["us"]
+    for r in rows:
+        r["x_vs_flex"] = flex_us / r["us"]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| B,Hq,Hkv,S,D | (left,right) | dtype | impl | us | TFLOP/s | % floor | x vs flex | floor us |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        shape = f"{r['batch']},{r['q_heads']},{r['kv_heads']},{r['seq']},{r['head_dim']}"
+        lines.append(
+            f"| {shape} | ({r['left']},{r['right']}) | {r['dtype']} | {r['impl']} | {r['us']:.1f} | "
+            f"{r['tflops']:.0f} | {r['pct_floor']:.0f} | {r['x_vs_flex']:.2f} | {r['floor_us']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(
+        dict.fromkeys(
+            (r["batch"], r["q_heads"], r["kv_heads"], r["seq"], r["head_dim"], r["left"], r["right"], r["dtype"])
+            for r in rows
+        )
+    )
+    impls = list(dict.fromkeys(r["impl"].split()[0] for r in rows))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / len(impls)
+    for n, impl in enumerate(impls):
+        ys = [
+            next(
+                r["pct_floor"]
+                for r in rows
+                if r["impl"].split()[0] == impl
+                and (
+                    r["batch"],
+                    r["q_heads"],
+                    r["kv_heads"],
+                    r["seq"],
+                    r["head_dim"],
+                    r["left"],
+                    r["right"],
+                    r["dtype"],
+                )
+                == key
+            )
+            for key in keys
+        ]
+        ax.bar([i + n * width for i in range(len(keys))], ys, width, label=impl)
+    labels = [f"{k[0]}x{k[1]}/{k[2]}\nS{k[3]} D{k[4]}\n({k[5]},{k[6]}) {k[7][:4]}" for k in keys]
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], labels, fontsize=7)
+    ax.set_ylabel("% of the roofline floor (higher is better)")
+    ax.set_title(f"sliding-window attention forward: {torch.cuda.get_device_name()}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtypes", nargs="*", default=CONFIG["dtypes"])
+    p.add_argument("--shapes", type=int, nargs="*", help="indices into configs/bench_op.json's shapes")
+    p.add_argument("--out", default=str(ROOT / "results"))
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_op.py needs a CUDA GPU.")
+    peaks = card_peaks()
+    shapes = [CONFIG["shapes"][i] for i in args.shapes] if args.shapes else CONFIG["shapes"]
+    rows = []
+    for sh in shapes:
+        for dt in args.dtypes:
+            rows += bench_shape(sh, DTYPES[dt], peaks)
+            print("\n".join(table(rows[-3:]).splitlines()[2:]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"env": environment(), "date": str(datetime.date.today()), "peaks": peaks, "command": " ".join(sys.argv)}
+    (out / "bench_op.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    plot(rows, out / "bench_op.png")
+    print(f"\n{meta['env']} | {meta['date']} | peaks {peaks}")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
