@@ -48,14 +48,18 @@ HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 TILES = {
-    # (block_m, block_n, threads, num_stages) per head_dim. Ampere's cp.async
-    # pipeline in TileLang 0.1.15 only lowers this loop form with one stage.
-    "sm_90a": {64: (64, 64, 128, 2), 128: (64, 64, 128, 2)},
-    "sm_80": {64: (64, 64, 128, 1), 128: (64, 64, 128, 1)},
+    # (block_m, block_n, threads, num_stages, CTAs per SM) per head_dim, from
+    # scripts/sweep_op.py on an H100 (analysis.md). D=64: 128x64 tiles, two CTAs
+    # per SM (one per SM left the SM idle on memory: 1.8-2.3x slower). D=128:
+    # 128x128, one CTA (128x64 at two CTAs does not fit the registers).
+    # Ampere's cp.async pipeline in TileLang 0.1.15 only lowers this loop form
+    # with one stage; no warp specialization there, so no register split either.
+    "sm_90a": {64: (128, 64, 256, 2, 2), 128: (128, 128, 256, 2, 1)},
+    "sm_80": {64: (64, 64, 128, 1, 1), 128: (64, 64, 128, 1, 1)},
 }
 
 
-def tile_config(head_dim: int, arch: str) -> tuple[int, int, int, int]:
+def tile_config(head_dim: int, arch: str) -> tuple[int, int, int, int, int]:
     return TILES["sm_90a" if arch.startswith("sm_9") else "sm_80"][head_dim]
 
 
@@ -74,6 +78,8 @@ def key_tile_schedule(q_tile, seq_len, left, right, n_global, block_m: int, bloc
     g = (n_global + block_n - 1) // block_n
     lo = maximum(r0 - left, 0) // block_n
     hi = (minimum(r0 + block_m + right, seq_len) + block_n - 1) // block_n
+    if isinstance(n_global, int) and n_global == 0:  # no global tokens: the window alone
+        return 0, lo, maximum(hi, lo)
     if isinstance(has_global_row, bool):
         if has_global_row:
             return 0, 0, n_tiles
@@ -88,14 +94,44 @@ def key_tile_schedule(q_tile, seq_len, left, right, n_global, block_m: int, bloc
 
 
 @functools.cache
-def make_forward(head_dim: int, dtype: str, arch: str = "sm_90a"):
-    """Kernel factory: forward sliding-window attention, all sizes and windows at run time."""
-    block_m, block_n, threads, num_stages = tile_config(head_dim, arch)
+def make_forward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple | None = None, general: bool = True):
+    """Kernel factory: forward sliding-window attention, all sizes and windows at run time.
+
+    ``tile`` = (block_m, block_n, threads, num_stages, occupancy), default ``tile_config``.
+    ``general=False`` compiles the plain (left, right) window with GQA only: the
+    launcher's pick when there is no dilation and no global token, so the common
+    case pays for no head-class arithmetic and a shorter mask.
+    ``occupancy``: CTAs per SM to ask for. On Hopper TileLang warp-specializes
+    the loop (one producer warpgroup feeding ``threads`` consumers) and by
+    default gives the consumers 240 registers, one CTA per SM; small tiles then
+    leave the SM idle while one CTA waits on memory. Asking for more CTAs caps
+    the consumers' registers so that they fit.
+    """
+    block_m, block_n, threads, num_stages, occupancy = tile or tile_config(head_dim, arch)
     accum = "float32"
     batch, seq_len = T.dynamic("batch"), T.dynamic("seq_len")
     q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
     scale_log2 = LOG2E / math.sqrt(head_dim)  # default softmax scale; the launcher rescales Q for others
     neg_inf = -T.infinity(accum)
+
+    def kv_head_of(qh, heads_per_class, kv_heads_per_class):
+        """GQA and dilation classes: q head qh = r * heads_per_class + h reads
+        kv head r * kv_heads_per_class + h // group."""
+        group = heads_per_class // kv_heads_per_class
+        if not general:
+            return qh // group
+        return (qh // heads_per_class) * kv_heads_per_class + (qh % heads_per_class) // group
+
+    def keys_in_class(qh, heads_per_class, true_seq_len, dilation):
+        """Class r holds positions r, r + d, ...: (true_seq_len - r) / d of them,
+        rounded up. Keys past that are the launcher's padding: never visible."""
+        return class_len(true_seq_len, qh // heads_per_class, dilation) if general else true_seq_len
+
+    def visible(qi, kj, valid, left, right, n_global):
+        in_window = tir.all(kj >= qi - left, kj <= qi + right)
+        if not general:
+            return tir.all(kj < valid, in_window)
+        return tir.all(kj < valid, tir.any(in_window, kj < n_global, qi < n_global))
 
     @T.prim_func
     def forward(
@@ -113,6 +149,10 @@ def make_forward(head_dim: int, dtype: str, arch: str = "sm_90a"):
         dilation: T.int32,
     ):
         with T.Kernel(T.ceildiv(seq_len, block_m), q_heads, batch, threads=threads) as (bx, qh, b):
+            if occupancy > 1:
+                T.annotate_min_blocks_per_sm(occupancy)
+                T.annotate_producer_reg_dealloc(24)
+                T.annotate_consumer_reg_alloc(consumer_regs(threads, occupancy))
             q_s = T.alloc_shared((block_m, head_dim), dtype)
             k_s = T.alloc_shared((block_n, head_dim), dtype)
             v_s = T.alloc_shared((block_n, head_dim), dtype)
@@ -127,33 +167,22 @@ def make_forward(head_dim: int, dtype: str, arch: str = "sm_90a"):
             l = T.alloc_fragment((block_m,), accum)
             l_tile = T.alloc_fragment((block_m,), accum)
 
-            # GQA and dilation classes: q head qh = r * heads_per_class + h reads
-            # kv head r * kv_heads_per_class + h // group.
-            group = heads_per_class // kv_heads_per_class
-            kvh = (qh // heads_per_class) * kv_heads_per_class + (qh % heads_per_class) // group
-            # Class r holds positions r, r + d, ...: (true_seq_len - r) / d of them,
-            # rounded up. Keys past that are the launcher's padding: never visible.
-            valid = class_len(true_seq_len, qh // heads_per_class, dilation)
+            kvh = kv_head_of(qh, heads_per_class, kv_heads_per_class)
+            valid = keys_in_class(qh, heads_per_class, true_seq_len, dilation)
+            n_glob = n_global if general else 0
 
             T.copy(Q[b, bx * block_m : (bx + 1) * block_m, qh, :], q_s)
             T.fill(acc, 0)
             T.fill(l, 0)
             T.fill(m, neg_inf)
 
-            n_g, lo, hi = key_tile_schedule(bx, valid, left, right, n_global, block_m, block_n, T.max, T.min)
+            n_g, lo, hi = key_tile_schedule(bx, valid, left, right, n_glob, block_m, block_n, T.max, T.min)
             for it in T.Pipelined(n_g + hi - lo, num_stages=num_stages):
                 T.copy(K[b, tile_of(it, n_g, lo) * block_n : (tile_of(it, n_g, lo) + 1) * block_n, kvh, :], k_s)
                 for i, j in T.Parallel(block_m, block_n):
                     qi = bx * block_m + i
                     kj = tile_of(it, n_g, lo) * block_n + j
-                    s[i, j] = T.if_then_else(
-                        tir.all(
-                            kj < valid,
-                            tir.any(tir.all(kj >= qi - left, kj <= qi + right), kj < n_global, qi < n_global),
-                        ),
-                        0,
-                        neg_inf,
-                    )
+                    s[i, j] = T.if_then_else(visible(qi, kj, valid, left, right, n_global), 0, neg_inf)
                 T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
 
                 T.copy(m, m_prev)
@@ -187,8 +216,22 @@ def make_forward(head_dim: int, dtype: str, arch: str = "sm_90a"):
     return forward
 
 
+def consumer_regs(consumer_threads: int, occupancy: int, producer_threads: int = 128, producer_regs: int = 24) -> int:
+    """Registers per consumer thread when ``occupancy`` CTAs share the SM's 64K registers.
+
+    A CTA launches with ``__launch_bounds__(threads, occupancy)`` registers per
+    thread (rounded down to 8) and setmaxnreg only moves registers inside that
+    pool: asking for more than the producer frees deadlocks the consumers.
+    """
+    total = consumer_threads + producer_threads
+    pool = 65536 // (occupancy * total) // 8 * 8 * total
+    return min(240, (pool - producer_threads * producer_regs) // consumer_threads // 8 * 8)
+
+
 def tile_of(it, n_global_tiles, lo):
     """Key tile of loop iteration ``it``: the global tiles first, then the window's."""
+    if isinstance(n_global_tiles, int) and n_global_tiles == 0:
+        return lo + it
     return T.if_then_else(it < n_global_tiles, it, lo + it - n_global_tiles)
 
 
@@ -198,9 +241,9 @@ def cuda_arch(device) -> str:
 
 
 @functools.cache
-def compiled_forward(head_dim: int, dtype: str, arch: str):
+def compiled_forward(head_dim: int, dtype: str, arch: str, tile: tuple | None = None, general: bool = True):
     return tilelang.compile(
-        make_forward(head_dim, dtype, arch),
+        make_forward(head_dim, dtype, arch, tile, general),
         target={"kind": "cuda", "arch": arch},
         pass_configs={"tl.enable_fast_math": True},
     )
@@ -313,7 +356,8 @@ def sliding_window_attention(
     qv, kv, vv = (to_classes(x, dilation) for x in (q, k, v))
     out = torch.empty_like(qv)
     lse = torch.empty(b, qv.shape[2], qv.shape[1], device=q.device, dtype=torch.float32)
-    kernel = compiled_forward(d, DTYPES[q.dtype], cuda_arch(q.device))
+    general = dilation > 1 or global_tokens > 0
+    kernel = compiled_forward(d, DTYPES[q.dtype], cuda_arch(q.device), None, general)
     sd = qv.shape[1]
     kernel(qv, kv, vv, out, lse, min(left, sd - 1), min(right, sd - 1), global_tokens, hq, hk, s, dilation)
     out, lse = from_classes(out, lse, s, dilation)

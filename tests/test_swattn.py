@@ -148,16 +148,34 @@ def test_rejects_bad_input(case):
 # --- CPU: every configuration compiles -------------------------------------------------
 
 
+@pytest.mark.parametrize("general", [False, True], ids=["window", "general"])
 @pytest.mark.parametrize("head_dim,dtype", [(64, "float16"), (128, "bfloat16"), (64, "bfloat16"), (128, "float16")])
-def test_compiles_sm90a(head_dim, dtype):
-    assert "forward" in swattn.compiled_forward(head_dim, dtype, "sm_90a").get_kernel_source()
+def test_compiles_sm90a(head_dim, dtype, general):
+    src = swattn.compiled_forward(head_dim, dtype, "sm_90a", None, general).get_kernel_source()
+    _, _, threads, _, occupancy = swattn.tile_config(head_dim, "sm_90a")
+    assert f"__launch_bounds__({threads + 128}, {occupancy})" in src  # consumers + one producer warpgroup
+    if occupancy > 1:
+        assert f"warpgroup_reg_alloc<{swattn.consumer_regs(threads, occupancy)}>" in src
+
+
+@pytest.mark.parametrize("threads,occupancy", [(128, 1), (128, 2), (128, 3), (256, 1), (256, 2)])
+def test_consumer_registers_fit_the_launch_pool(threads, occupancy):
+    """setmaxnreg only moves registers inside the CTA's launch pool; asking for more hangs the kernel."""
+    total = threads + 128
+    launch = min(255, 65536 // (occupancy * total)) // 8 * 8
+    regs = swattn.consumer_regs(threads, occupancy)
+    assert regs % 8 == 0 and 24 <= regs <= 240
+    assert threads * regs + 128 * 24 <= launch * total
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head_dim,dtype", [(64, "float16"), (128, "bfloat16"), (64, "bfloat16"), (128, "float16")])
-def test_compiles_sm80(head_dim, dtype):
+@pytest.mark.parametrize(
+    "head_dim,dtype,general",
+    [(64, "float16", True), (128, "bfloat16", False), (64, "bfloat16", False), (128, "float16", True)],
+)
+def test_compiles_sm80(head_dim, dtype, general):
     """~3 minutes each (TileLang's Ampere lowering of the dynamic-shape kernel): `-m slow`."""
-    assert "forward" in swattn.compiled_forward(head_dim, dtype, "sm_80").get_kernel_source()
+    assert "forward" in swattn.compiled_forward(head_dim, dtype, "sm_80", None, general).get_kernel_source()
 
 
 # --- GPU -------------------------------------------------------------------------------

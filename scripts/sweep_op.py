@@ -1,0 +1,94 @@
+"""Sweep the general op's kernel variants (tile shape, general vs plain window)
+on bench_op shapes; prints one table. Feeds swattn.TILES.
+
+    python scripts/sweep_op.py [--shapes 1 3] [--dtype float16]
+
+Compiles every variant in worker processes first (TileLang's disk cache then
+serves the timing process), then times each with triton's do_bench (median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# (block_m, block_n, threads, num_stages, CTAs per SM), general
+VARIANTS = [
+    ((64, 64, 128, 2, 1), False),
+    ((64, 64, 128, 2, 2), False),
+    ((64, 128, 128, 2, 2), False),
+    ((128, 64, 256, 2, 2), False),
+    ((128, 128, 256, 2, 1), False),
+    ((128, 64, 256, 2, 2), True),
+    ((128, 128, 256, 2, 1), True),
+]
+
+
+def _compile(job):
+    import swattn
+
+    head_dim, dtype, tile, general = job
+    try:
+        swattn.compiled_forward(head_dim, dtype, "sm_90a", tile, general)
+    except Exception as e:  # a variant that does not build is reported, not fatal
+        return job, repr(e)[:200]
+    return job
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", type=int, nargs="*", default=[1, 3])
+    p.add_argument("--dtype", default="float16")
+    args = p.parse_args()
+    shapes = [json.loads((ROOT / "configs/bench_op.json").read_text())["shapes"][i] for i in args.shapes]
+    jobs = sorted({(sh["head_dim"], args.dtype, *v) for sh in shapes for v in VARIANTS})
+    with mp.get_context("spawn").Pool(min(len(jobs), 8)) as pool:
+        for job in pool.imap_unordered(_compile, jobs):
+            print("compiled", job, flush=True)
+
+    import torch
+    from triton.testing import do_bench
+
+    import reference as ref
+    import swattn
+
+    dt = getattr(torch, args.dtype)
+    lines = [
+        "| shape | window | tile (bm, bn, threads, stages, CTAs/SM) | general | us | rel err vs variant 0 |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for sh in shapes:
+        b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
+        q = torch.randn(b, s, hq, d, device="cuda", dtype=dt)
+        k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=dt) for _ in range(2))
+        out = torch.empty_like(q)
+        lse = torch.empty(b, hq, s, device="cuda")
+        base = None
+        for tile, general in VARIANTS:
+            try:
+                kern = swattn.compiled_forward(d, args.dtype, "sm_90a", tile, general)
+            except Exception as e:
+                print(tile, general, "failed:", repr(e)[:200])
+                continue
+
+            call = functools.partial(kern, q, k, v, out, lse, sh["left"], sh["right"], 0, hq, hk, s, 1)
+
+            call()
+            base = out.clone() if base is None else base
+            err = ref.rel_err(out, base)
+            us = do_bench(call, warmup=50, rep=200, return_mode="median") * 1e3
+            shape = f"{b},{hq},{hk},{s},{d} | ({sh['left']},{sh['right']})"
+            lines.append(f"| {shape} | {tile} | {general} | {us:.1f} | {err:.1e} |")
+            print(lines[-1], flush=True)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
