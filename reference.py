@@ -162,18 +162,20 @@ def tile_working_set_bytes(block_m: int, block_n: int, head_dim: int, num_stages
 # --- the general op (swattn.py): (batch, seq, heads, head_dim), GQA, every window --------
 
 
-def local_mask(
-    seq_len: int, left: int, right: int, dilation: int = 1, global_tokens: int = 0, device=None
-) -> torch.Tensor:
+def local_mask(seq_len: int, left, right, dilation: int = 1, global_tokens: int = 0, device=None) -> torch.Tensor:
     """Boolean (seq, seq) mask of the general window, True where query i sees key j:
 
         j = i + k * dilation with -left <= k <= right,   or   i < G   or   j < G.
 
     ``left = right = W, dilation = 1, G = 0`` is ``window_mask(seq, W)``; causal is right = 0.
+    Adaptive windows: ``left``/``right`` may be int tensors (..., seq), one size per
+    query (and per head, say, in the leading dims); the mask is then (..., seq, seq).
     """
     i = torch.arange(seq_len, device=device)[:, None]
     j = torch.arange(seq_len, device=device)[None, :]
     offset = j - i
+    left, right = (torch.as_tensor(w, device=device) for w in (left, right))
+    left, right = (w[..., :, None] if w.dim() else w for w in (left, right))
     local = (offset >= -left * dilation) & (offset <= right * dilation) & (offset % dilation == 0)
     return local | (i < global_tokens) | (j < global_tokens)
 

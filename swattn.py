@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import tvm.tirx as tir  # tvm ships inside tilelang; importable once tilelang is
 
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+MODES = ("window", "general", "adaptive")
 HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -63,14 +64,17 @@ def tile_config(head_dim: int, arch: str) -> tuple[int, int, int, int, int]:
     return TILES["sm_90a" if arch.startswith("sm_9") else "sm_80"][head_dim]
 
 
-def key_tile_schedule(q_tile, seq_len, left, right, n_global, block_m: int, block_n: int, maximum=max, minimum=min):
+def key_tile_schedule(
+    q_tile, seq_len, left, right, n_global, block_m: int, block_n: int, maximum=max, minimum=min, select=tir.Select
+):
     """The key tiles query tile ``q_tile`` visits, as (n_global_tiles, lo, hi):
     first tiles 0 .. n_global_tiles - 1 (the global keys), then lo .. hi - 1
     (the local window, clipped to the sequence and past the global tiles).
 
     A tile that holds a global query (row < n_global) sees every key: then
     there are no separate global tiles and [lo, hi) is the whole sequence.
-    Used by the kernel with ``T.max``/``T.min`` and by the tests with Python's.
+    Used by the kernel with ``T.max``/``T.min``, by the tests with Python's, and
+    by the launcher of adaptive windows on tensors (``select=torch.where``).
     """
     r0 = q_tile * block_m
     n_tiles = (seq_len + block_n - 1) // block_n
@@ -87,30 +91,40 @@ def key_tile_schedule(q_tile, seq_len, left, right, n_global, block_m: int, bloc
         return g, lo, maximum(hi, lo)
     lo = maximum(lo, g)
     return (
-        tir.Select(has_global_row, 0, g),
-        tir.Select(has_global_row, 0, lo),
-        tir.Select(has_global_row, n_tiles, maximum(hi, lo)),
+        select(has_global_row, 0, g),
+        select(has_global_row, 0, lo),
+        select(has_global_row, n_tiles, maximum(hi, lo)),
     )
 
 
 @functools.cache
-def make_forward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple | None = None, general: bool = True):
+def make_forward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple | None = None, mode: str = "general"):
     """Kernel factory: forward sliding-window attention, all sizes and windows at run time.
 
     ``tile`` = (block_m, block_n, threads, num_stages, occupancy), default ``tile_config``.
-    ``general=False`` compiles the plain (left, right) window with GQA only: the
-    launcher's pick when there is no dilation and no global token, so the common
-    case pays for no head-class arithmetic and a shorter mask.
+    ``mode`` (compile time; the launcher picks the cheapest that serves the call):
+      "window"    the (left, right) window with GQA only: the common case pays for
+                  no head-class arithmetic and a shorter mask;
+      "general"   plus dilation (head classes) and global tokens;
+      "adaptive"  plus a window per (head, query): rows read their (left, right)
+                  from WIN, the query tile its key tiles from KT (the launcher's
+                  ``adaptive_schedule``), instead of the scalars ``left, right``.
+    WIN and KT are tiny placeholders in the other modes.
     ``occupancy``: CTAs per SM to ask for. On Hopper TileLang warp-specializes
     the loop (one producer warpgroup feeding ``threads`` consumers) and by
     default gives the consumers 240 registers, one CTA per SM; small tiles then
     leave the SM idle while one CTA waits on memory. Asking for more CTAs caps
     the consumers' registers so that they fit.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    general, adaptive = mode != "window", mode == "adaptive"
     block_m, block_n, threads, num_stages, occupancy = tile or tile_config(head_dim, arch)
     accum = "float32"
     batch, seq_len = T.dynamic("batch"), T.dynamic("seq_len")
     q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
+    win_heads, win_len = T.dynamic("win_heads"), T.dynamic("win_len")
+    kt_heads, kt_tiles = T.dynamic("kt_heads"), T.dynamic("kt_tiles")
     scale_log2 = LOG2E / math.sqrt(head_dim)  # default softmax scale; the launcher rescales Q for others
     neg_inf = -T.infinity(accum)
 
@@ -140,6 +154,8 @@ def make_forward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple | 
         V: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
         O: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
         LSE: T.Tensor((batch, q_heads, seq_len), accum),
+        WIN: T.Tensor((win_heads, win_len, 2), "int32"),
+        KT: T.Tensor((kt_heads, kt_tiles, 3), "int32"),
         left: T.int32,
         right: T.int32,
         n_global: T.int32,
@@ -176,13 +192,27 @@ def make_forward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple | 
             T.fill(l, 0)
             T.fill(m, neg_inf)
 
-            n_g, lo, hi = key_tile_schedule(bx, valid, left, right, n_glob, block_m, block_n, T.max, T.min)
+            if adaptive:
+                # Each row's own (left, right); the tile's key range, precomputed.
+                row_left = T.alloc_fragment((block_m,), "int32")
+                row_right = T.alloc_fragment((block_m,), "int32")
+                for i in T.Parallel(block_m):
+                    row_left[i] = WIN[qh, T.min(bx * block_m + i, seq_len - 1), 0]
+                    row_right[i] = WIN[qh, T.min(bx * block_m + i, seq_len - 1), 1]
+                n_g, lo, hi = KT[qh, bx, 0], KT[qh, bx, 1], KT[qh, bx, 2]
+            else:
+                n_g, lo, hi = key_tile_schedule(bx, valid, left, right, n_glob, block_m, block_n, T.max, T.min)
             for it in T.Pipelined(n_g + hi - lo, num_stages=num_stages):
                 T.copy(K[b, tile_of(it, n_g, lo) * block_n : (tile_of(it, n_g, lo) + 1) * block_n, kvh, :], k_s)
                 for i, j in T.Parallel(block_m, block_n):
                     qi = bx * block_m + i
                     kj = tile_of(it, n_g, lo) * block_n + j
-                    s[i, j] = T.if_then_else(visible(qi, kj, valid, left, right, n_global), 0, neg_inf)
+                    if adaptive:
+                        s[i, j] = T.if_then_else(
+                            visible(qi, kj, valid, row_left[i], row_right[i], n_global), 0, neg_inf
+                        )
+                    else:
+                        s[i, j] = T.if_then_else(visible(qi, kj, valid, left, right, n_global), 0, neg_inf)
                 T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
 
                 T.copy(m, m_prev)
@@ -241,9 +271,9 @@ def cuda_arch(device) -> str:
 
 
 @functools.cache
-def compiled_forward(head_dim: int, dtype: str, arch: str, tile: tuple | None = None, general: bool = True):
+def compiled_forward(head_dim: int, dtype: str, arch: str, tile: tuple | None = None, mode: str = "general"):
     return tilelang.compile(
-        make_forward(head_dim, dtype, arch, tile, general),
+        make_forward(head_dim, dtype, arch, tile, mode),
         target={"kind": "cuda", "arch": arch},
         pass_configs={"tl.enable_fast_math": True},
     )
@@ -260,6 +290,98 @@ def normalize_window(window, causal: bool, seq_len: int) -> tuple[int, int]:
         right = 0
     cap = max(seq_len - 1, 0)
     return min(left, cap), min(right, cap)
+
+
+def is_adaptive(window) -> bool:
+    """A window given as a tensor (or a pair holding one): a window per (head, query)."""
+    parts = window if isinstance(window, (tuple, list)) else (window,)
+    return any(isinstance(w, torch.Tensor) for w in parts)
+
+
+def adaptive_windows(window, causal: bool, q_heads: int, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) int32 (q_heads, seq_len) from a window tensor W (symmetric)
+    or a pair (left, right) of tensors or ints, each broadcastable to
+    (q_heads, seq_len): shape (q_heads, 1) is a window per head, (seq_len,) or
+    (1, seq_len) one per query, (q_heads, seq_len) one per both. Causal sets
+    right = 0; sizes are clamped to seq_len - 1."""
+    left, right = tuple(window) if isinstance(window, (tuple, list)) else (window, window)
+    out = []
+    for name, w in (("left", left), ("right", right)):
+        w = torch.as_tensor(w)
+        if w.dtype.is_floating_point or w.dtype.is_complex or w.dtype == torch.bool:
+            raise TypeError(f"an adaptive window must be an integer tensor, got {name} of dtype {w.dtype}")
+        try:
+            w = torch.broadcast_to(w, (q_heads, seq_len))
+        except RuntimeError:
+            raise ValueError(
+                f"an adaptive window must broadcast to (q_heads, seq) = {(q_heads, seq_len)}: "
+                f"(q_heads, 1) per head, (seq,) per query; got {name} of shape {tuple(w.shape)}"
+            ) from None
+        if w.numel() and int(w.min()) < 0:
+            raise ValueError(f"window sizes must be >= 0, got a negative {name} size")
+        out.append(w.to(device=device, dtype=torch.int32).clamp(max=max(seq_len - 1, 0)))
+    if causal:
+        out[1] = torch.zeros_like(out[1])
+    return out[0], out[1]
+
+
+def rows_to_classes(w: torch.Tensor, dilation: int) -> torch.Tensor:
+    """A per-(head, position) table (H, S) in ``to_classes``' layout: (d * H, ceil(S / d))."""
+    h, s = w.shape
+    pad = (-s) % dilation
+    w = torch.nn.functional.pad(w, (0, pad))
+    return w.view(h, (s + pad) // dilation, dilation).permute(2, 0, 1).reshape(dilation * h, (s + pad) // dilation)
+
+
+def _tmax(a, b):
+    a, b = (a, b) if isinstance(a, torch.Tensor) else (b, a)
+    return torch.maximum(a, b) if isinstance(b, torch.Tensor) else a.clamp(min=b)
+
+
+def _tmin(a, b):
+    a, b = (a, b) if isinstance(a, torch.Tensor) else (b, a)
+    return torch.minimum(a, b) if isinstance(b, torch.Tensor) else a.clamp(max=b)
+
+
+def adaptive_schedule(left, right, valid, n_global: int, block_m: int, block_n: int) -> torch.Tensor:
+    """Key tiles of every (head, query tile) for per-row windows: (heads, q_tiles, 3)
+    int32 of ``key_tile_schedule``'s (n_global_tiles, lo, hi).
+
+    left, right (heads, seq) per row; valid (heads,) keys (and queries) that exist
+    per head (``class_len``). A tile's window is the union of its rows': first
+    key min(i - left_i), last key max(i + right_i), fed to ``key_tile_schedule``
+    as the tile-wide (left, right) that reaches them.
+    """
+    heads, seq = left.shape
+    n_qt = -(-seq // block_m)
+    pad = n_qt * block_m - seq
+    i = torch.arange(n_qt * block_m, device=left.device)
+    real = i[None, :] < valid[:, None]  # rows past a class's length are padding
+    big = 1 << 40
+    first = torch.where(real, i - F.pad(left.long(), (0, pad)), big).view(heads, n_qt, block_m).amin(-1)
+    last = torch.where(real, i + F.pad(right.long(), (0, pad)), -big).view(heads, n_qt, block_m).amax(-1)
+    r0 = torch.arange(n_qt, device=left.device) * block_m
+    n_g, lo, hi = key_tile_schedule(
+        torch.arange(n_qt, device=left.device),
+        valid[:, None].long(),
+        r0 - first,
+        last - (r0 + block_m - 1),
+        n_global,
+        block_m,
+        block_n,
+        _tmax,
+        _tmin,
+        torch.where,
+    )
+    return torch.stack([torch.as_tensor(x, device=left.device).expand(heads, n_qt) for x in (n_g, lo, hi)], -1).int()
+
+
+@functools.cache
+def _placeholders(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """WIN and KT for the kernels that do not read them."""
+    return torch.zeros(1, 1, 2, dtype=torch.int32, device=device), torch.zeros(
+        1, 1, 3, dtype=torch.int32, device=device
+    )
 
 
 def _check(q, k, v, dilation, global_tokens, scale):
@@ -318,7 +440,7 @@ def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    window: int | tuple[int, int],
+    window: int | tuple[int, int] | torch.Tensor,
     *,
     causal: bool = False,
     dilation: int = 1,
@@ -334,7 +456,9 @@ def sliding_window_attention(
             float16 or bfloat16, CUDA. ``layout="bhsd"`` takes (batch, heads, seq,
             head_dim) instead (transposed to bshd; non-contiguous inputs are
             copied to contiguous ones first).
-        window: W (|i - j| <= W) or (left, right); >= seq is full attention.
+        window: W (|i - j| <= W) or (left, right); >= seq is full attention. An
+            int tensor (or a pair of them) is an adaptive window, one per head
+            (shape (q_heads, 1)), per query ((seq,)) or both ((q_heads, seq)).
         causal: right = 0. dilation: keys i + k * d, -left <= k <= right.
         global_tokens: the first G positions attend to, and are attended by, all.
         scale: softmax scale, default 1 / sqrt(head_dim).
@@ -349,17 +473,31 @@ def sliding_window_attention(
     _check(q, k, v, dilation, global_tokens, scale)
     b, s, hq, d = q.shape
     hk = k.shape[2]
-    left, right = normalize_window(window, causal, s)
+    adaptive = is_adaptive(window)
+    if adaptive:
+        row_windows = adaptive_windows(window, causal, hq, s, q.device)
+        left = right = 0  # the kernel reads the rows' windows instead
+    else:
+        left, right = normalize_window(window, causal, s)
     if scale is not None:  # the kernel applies 1/sqrt(d): fold the ratio into q
         q = q * (scale * math.sqrt(d))
     q, k, v = (x.contiguous() for x in (q, k, v))  # a no-op for contiguous inputs
     qv, kv, vv = (to_classes(x, dilation) for x in (q, k, v))
     out = torch.empty_like(qv)
-    lse = torch.empty(b, qv.shape[2], qv.shape[1], device=q.device, dtype=torch.float32)
-    general = dilation > 1 or global_tokens > 0
-    kernel = compiled_forward(d, DTYPES[q.dtype], cuda_arch(q.device), None, general)
     sd = qv.shape[1]
-    kernel(qv, kv, vv, out, lse, min(left, sd - 1), min(right, sd - 1), global_tokens, hq, hk, s, dilation)
+    lse = torch.empty(b, qv.shape[2], sd, device=q.device, dtype=torch.float32)
+    arch = cuda_arch(q.device)
+    if adaptive:
+        mode = "adaptive"
+        win = torch.stack([rows_to_classes(w, dilation) for w in row_windows], -1).contiguous()
+        valid = class_len(s, torch.arange(dilation * hq, device=q.device) // hq, dilation)
+        block_m, block_n = tile_config(d, arch)[:2]
+        kt = adaptive_schedule(win[..., 0], win[..., 1], valid, global_tokens, block_m, block_n)
+    else:
+        mode = "general" if dilation > 1 or global_tokens > 0 else "window"
+        win, kt = _placeholders(q.device)
+    kernel = compiled_forward(d, DTYPES[q.dtype], arch, None, mode)
+    kernel(qv, kv, vv, out, lse, win, kt, min(left, sd - 1), min(right, sd - 1), global_tokens, hq, hk, s, dilation)
     out, lse = from_classes(out, lse, s, dilation)
     if layout == "bhsd":
         out = out.transpose(1, 2)

@@ -1,4 +1,4 @@
-"""Sweep the general op's kernel variants (tile shape, general vs plain window)
+"""Sweep the general op's kernel variants (tile shape, CTAs per SM, kernel mode)
 on bench_op shapes; prints one table. Feeds swattn.TILES.
 
     python scripts/sweep_op.py [--shapes 1 3] [--dtype float16]
@@ -19,24 +19,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# (block_m, block_n, threads, num_stages, CTAs per SM), general
+# (block_m, block_n, threads, num_stages, CTAs per SM), kernel mode
 VARIANTS = [
-    ((64, 64, 128, 2, 1), False),
-    ((64, 64, 128, 2, 2), False),
-    ((64, 128, 128, 2, 2), False),
-    ((128, 64, 256, 2, 2), False),
-    ((128, 128, 256, 2, 1), False),
-    ((128, 64, 256, 2, 2), True),
-    ((128, 128, 256, 2, 1), True),
+    ((64, 64, 128, 2, 1), "window"),
+    ((64, 64, 128, 2, 2), "window"),
+    ((64, 128, 128, 2, 2), "window"),
+    ((128, 64, 256, 2, 2), "window"),
+    ((128, 128, 256, 2, 1), "window"),
+    ((128, 64, 256, 2, 2), "general"),
+    ((128, 128, 256, 2, 1), "general"),
 ]
 
 
 def _compile(job):
     import swattn
 
-    head_dim, dtype, tile, general = job
+    head_dim, dtype, tile, mode = job
     try:
-        swattn.compiled_forward(head_dim, dtype, "sm_90a", tile, general)
+        swattn.compiled_forward(head_dim, dtype, "sm_90a", tile, mode)
     except Exception as e:  # a variant that does not build is reported, not fatal
         return job, repr(e)[:200]
     return job
@@ -61,7 +61,7 @@ def main() -> None:
 
     dt = getattr(torch, args.dtype)
     lines = [
-        "| shape | window | tile (bm, bn, threads, stages, CTAs/SM) | general | us | rel err vs variant 0 |",
+        "| shape | window | tile (bm, bn, threads, stages, CTAs/SM) | mode | us | rel err vs variant 0 |",
         "|---|---|---|---|---:|---:|",
     ]
     for sh in shapes:
@@ -71,21 +71,22 @@ def main() -> None:
         out = torch.empty_like(q)
         lse = torch.empty(b, hq, s, device="cuda")
         base = None
-        for tile, general in VARIANTS:
+        for tile, mode in VARIANTS:
             try:
-                kern = swattn.compiled_forward(d, args.dtype, "sm_90a", tile, general)
+                kern = swattn.compiled_forward(d, args.dtype, "sm_90a", tile, mode)
             except Exception as e:
-                print(tile, general, "failed:", repr(e)[:200])
+                print(tile, mode, "failed:", repr(e)[:200])
                 continue
 
-            call = functools.partial(kern, q, k, v, out, lse, sh["left"], sh["right"], 0, hq, hk, s, 1)
+            win, kt = swattn._placeholders(q.device)
+            call = functools.partial(kern, q, k, v, out, lse, win, kt, sh["left"], sh["right"], 0, hq, hk, s, 1)
 
             call()
             base = out.clone() if base is None else base
             err = ref.rel_err(out, base)
             us = do_bench(call, warmup=50, rep=200, return_mode="median") * 1e3
             shape = f"{b},{hq},{hk},{s},{d} | ({sh['left']},{sh['right']})"
-            lines.append(f"| {shape} | {tile} | {general} | {us:.1f} | {err:.1e} |")
+            lines.append(f"| {shape} | {tile} | {mode} | {us:.1f} | {err:.1e} |")
             print(lines[-1], flush=True)
     print("\n".join(lines))
 

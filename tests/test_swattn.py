@@ -105,6 +105,67 @@ def test_key_tile_schedule_matches_brute_force(block_m, block_n):
             assert set(visited) == needed, (seq_len, left, right, g, qt)
 
 
+@pytest.mark.parametrize("block_m,block_n", [(64, 64), (128, 64), (128, 128)])
+def test_adaptive_schedule_covers_every_needed_tile(block_m, block_n):
+    """Per-row windows: the tiles a query tile visits hold every key one of its
+    rows sees, once each; without global tokens the first and last are needed."""
+    g = torch.Generator().manual_seed(7)
+    for seq_len, n_global, max_w in [(1, 0, 3), (65, 0, 40), (300, 0, 20), (300, 5, 100), (513, 70, 300)]:
+        heads = 3
+        left = torch.randint(0, max_w + 1, (heads, seq_len), generator=g)
+        right = torch.randint(0, max_w + 1, (heads, seq_len), generator=g)
+        left[1] = 0  # one head causal-only...
+        right[2] = 0  # ...and one looking back only
+        valid = torch.tensor([seq_len, max(seq_len - 1, 1), max(seq_len // 2, 1)])  # ragged classes
+        kt = swattn.adaptive_schedule(left, right, valid, n_global, block_m, block_n)
+        assert kt.shape == (heads, -(-seq_len // block_m), 3) and kt.dtype == torch.int32
+        for h in range(heads):
+            mask = ref.local_mask(seq_len, left[h], right[h], global_tokens=n_global)
+            mask &= torch.arange(seq_len)[None, :] < valid[h]
+            mask[valid[h] :] = False  # padding rows see nothing that matters
+            for qt in range(kt.shape[1]):
+                rows = mask[qt * block_m : (qt + 1) * block_m]
+                needed = {j // block_n for j in rows.any(0).nonzero().flatten().tolist()}
+                n_g, lo, hi = kt[h, qt].tolist()
+                visited = list(range(n_g)) + list(range(lo, hi))
+                assert len(visited) == len(set(visited)), "a tile visited twice"
+                assert needed <= set(visited), (seq_len, n_global, h, qt)
+                if n_global == 0 and needed:
+                    assert {lo, hi - 1} <= needed, "the range is not tight"
+
+
+def test_adaptive_windows_broadcast_and_validate():
+    per_head = torch.tensor([[1], [5]])
+    left, right = swattn.adaptive_windows(per_head, False, 2, 6, "cpu")
+    assert left.dtype == torch.int32 and left.tolist() == [[1] * 6, [5] * 6] and torch.equal(left, right)
+    left, right = swattn.adaptive_windows((torch.arange(6), 2), True, 2, 6, "cpu")
+    assert left.tolist() == [[0, 1, 2, 3, 4, 5]] * 2 and right.tolist() == [[0] * 6] * 2
+    assert swattn.adaptive_windows(torch.tensor([100]), False, 1, 6, "cpu")[0].tolist() == [[5] * 6]  # clamped
+    assert (
+        swattn.is_adaptive(torch.tensor(3))
+        and swattn.is_adaptive((3, torch.tensor([1])))
+        and not swattn.is_adaptive((3, 4))
+    )
+    with pytest.raises(TypeError, match="integer"):
+        swattn.adaptive_windows(torch.tensor([1.5]), False, 2, 6, "cpu")
+    with pytest.raises(ValueError, match="broadcast"):
+        swattn.adaptive_windows(torch.tensor([1, 2]), False, 3, 6, "cpu")  # (2,): neither heads nor seq
+    with pytest.raises(ValueError, match=">= 0"):
+        swattn.adaptive_windows(torch.tensor([[-1], [2]]), False, 2, 6, "cpu")
+
+
+@pytest.mark.parametrize("seq_len,dilation", [(12, 1), (12, 3), (10, 3), (5, 7)])
+def test_rows_to_classes_follows_to_classes(seq_len, dilation):
+    table = torch.arange(3 * seq_len).view(3, seq_len)  # (heads, seq)
+    as_tensor = swattn.to_classes(table.t().contiguous()[None, :, :, None], dilation)[
+        0, :, :, 0
+    ].t()  # (d * heads, seq / d)
+    classes = swattn.rows_to_classes(table, dilation)
+    valid = [swattn.class_len(seq_len, r, dilation) for r in range(dilation) for _ in range(3)]
+    for h, n in enumerate(valid):
+        assert torch.equal(classes[h, :n], as_tensor[h, :n])
+
+
 # --- CPU: arguments -------------------------------------------------------------------
 
 
@@ -148,10 +209,10 @@ def test_rejects_bad_input(case):
 # --- CPU: every configuration compiles -------------------------------------------------
 
 
-@pytest.mark.parametrize("general", [False, True], ids=["window", "general"])
+@pytest.mark.parametrize("mode", swattn.MODES)
 @pytest.mark.parametrize("head_dim,dtype", [(64, "float16"), (128, "bfloat16"), (64, "bfloat16"), (128, "float16")])
-def test_compiles_sm90a(head_dim, dtype, general):
-    src = swattn.compiled_forward(head_dim, dtype, "sm_90a", None, general).get_kernel_source()
+def test_compiles_sm90a(head_dim, dtype, mode):
+    src = swattn.compiled_forward(head_dim, dtype, "sm_90a", None, mode).get_kernel_source()
     _, _, threads, _, occupancy = swattn.tile_config(head_dim, "sm_90a")
     assert f"__launch_bounds__({threads + 128}, {occupancy})" in src  # consumers + one producer warpgroup
     if occupancy > 1:
@@ -170,12 +231,12 @@ def test_consumer_registers_fit_the_launch_pool(threads, occupancy):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "head_dim,dtype,general",
-    [(64, "float16", True), (128, "bfloat16", False), (64, "bfloat16", False), (128, "float16", True)],
+    "head_dim,dtype,mode",
+    [(64, "float16", "general"), (128, "bfloat16", "window"), (64, "bfloat16", "adaptive"), (128, "float16", "window")],
 )
-def test_compiles_sm80(head_dim, dtype, general):
+def test_compiles_sm80(head_dim, dtype, mode):
     """~3 minutes each (TileLang's Ampere lowering of the dynamic-shape kernel): `-m slow`."""
-    assert "forward" in swattn.compiled_forward(head_dim, dtype, "sm_80", None, general).get_kernel_source()
+    assert "forward" in swattn.compiled_forward(head_dim, dtype, "sm_80", None, mode).get_kernel_source()
 
 
 # --- GPU -------------------------------------------------------------------------------
@@ -211,6 +272,39 @@ def test_kernel_matches_reference(case, head_dim, dtype):
     )
     left, right = swattn.normalize_window(window, causal, s)
     mask = ref.local_mask(s, left, right, dil, g, device="cuda")
+    want, want_lse = ref.attention_ref(q, k, v, mask, return_lse=True)
+    torch_err = ref.rel_err(ref.attention_ref(q, k, v, mask, dtype=dtype), want)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert ref.rel_err(out, want) <= 2 * torch_err + 1e-4
+    assert (lse.double() - want_lse).abs().max() < 1e-3
+
+
+# Adaptive windows: (batch, q_heads, kv_heads, seq, window maker, causal, dilation, global_tokens)
+ADAPTIVE_CASES = [
+    (2, 4, 2, 300, lambda hq, s, g: torch.tensor([[0], [3], [50], [200]]), False, 1, 0),
+    (1, 4, 4, 1000, lambda hq, s, g: torch.randint(0, 100, (s,), generator=g), True, 1, 0),
+    (1, 4, 1, 777, lambda hq, s, g: (torch.randint(0, 300, (hq, s), generator=g), 7), False, 1, 0),
+    (1, 2, 2, 500, lambda hq, s, g: torch.tensor([[5], [40]]), False, 2, 0),
+    (1, 4, 2, 600, lambda hq, s, g: torch.randint(0, 64, (s,), generator=g), False, 1, 16),
+]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", range(len(ADAPTIVE_CASES)))
+def test_adaptive_kernel_matches_reference(case, head_dim, dtype):
+    b, hq, hk, s, make_window, causal, dil, g = ADAPTIVE_CASES[case]
+    window = make_window(hq, s, torch.Generator().manual_seed(case))
+    q = rand(b, s, hq, head_dim, dtype=dtype, device="cuda", seed=case)
+    k = rand(b, s, hk, head_dim, dtype=dtype, device="cuda", seed=case + 100)
+    v = rand(b, s, hk, head_dim, dtype=dtype, device="cuda", seed=case + 200)
+    out, lse = swattn.sliding_window_attention(
+        q, k, v, window, causal=causal, dilation=dil, global_tokens=g, return_lse=True
+    )
+    left, right = swattn.adaptive_windows(window, causal, hq, s, "cuda")
+    mask = ref.local_mask(s, left, right, dil, g, device="cuda")  # (q_heads, seq, seq)
     want, want_lse = ref.attention_ref(q, k, v, mask, return_lse=True)
     torch_err = ref.rel_err(ref.attention_ref(q, k, v, mask, dtype=dtype), want)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
