@@ -1,7 +1,8 @@
 """Sliding-window attention as a model would call it: batched, multi-head, GQA,
 any length, every window shape. TileLang forward kernel + launcher.
 
-Window (the repository's one definition, generalised):
+Window (the repository's one definition, generalised; an adaptive window gives
+every (head, query) its own left and right):
     query i attends key j  <=>  i - left <= j <= i + right          (the local window)
                              or  j < global_tokens or i < global_tokens   (global tokens)
 with ``window=W`` meaning left = right = W and ``causal=True`` meaning right = 0.
@@ -27,9 +28,9 @@ Also here: ``SlidingWindowAttention`` / ``GroupedQueryAttention``, a Llama-shape
 nn.Module (q/k/v/o projections) that runs this op on CUDA and SDPA with the same
 window as a dense mask elsewhere.
 
-Status (2026-11-25): compiles for sm_90a and sm_80 and is checked on the CPU
-against reference.py's masks; the GPU tests in tests/test_swattn.py have not
-yet run on a card.
+Status (2026-11-25): the GPU tests passed on an H100 with the first tiles
+(64x64); the current tiles (analysis.md) and the adaptive mode are compile-
+checked only. Still 1.1-1.4x slower than FlexAttention (analysis.md).
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the prim_func
@@ -122,7 +123,7 @@ def make_forward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple | 
     block_m, block_n, threads, num_stages, occupancy = tile or tile_config(head_dim, arch)
     accum = "float32"
     batch, seq_len = T.dynamic("batch"), T.dynamic("seq_len")
-    q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
+    q_heads, kv_heads, kv_len = T.dynamic("q_heads"), T.dynamic("kv_heads"), T.dynamic("kv_len")
     win_heads, win_len = T.dynamic("win_heads"), T.dynamic("win_len")
     kt_heads, kt_tiles = T.dynamic("kt_heads"), T.dynamic("kt_tiles")
     scale_log2 = LOG2E / math.sqrt(head_dim)  # default softmax scale; the launcher rescales Q for others
@@ -150,8 +151,8 @@ def make_forward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple | 
     @T.prim_func
     def forward(
         Q: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
-        K: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
-        V: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
+        K: T.Tensor((batch, kv_len, kv_heads, head_dim), dtype),
+        V: T.Tensor((batch, kv_len, kv_heads, head_dim), dtype),
         O: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
         LSE: T.Tensor((batch, q_heads, seq_len), accum),
         WIN: T.Tensor((win_heads, win_len, 2), "int32"),
@@ -161,7 +162,7 @@ def make_forward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple | 
         n_global: T.int32,
         heads_per_class: T.int32,
         kv_heads_per_class: T.int32,
-        true_seq_len: T.int32,
+        true_seq_len: T.int32,  # keys that exist (K's length before any class padding)
         dilation: T.int32,
     ):
         with T.Kernel(T.ceildiv(seq_len, block_m), q_heads, batch, threads=threads) as (bx, qh, b):
@@ -502,6 +503,33 @@ def sliding_window_attention(
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int):
+    """One block of a blocked or distributed computation: query block q (batch, Sq,
+    q_heads, D) against key block k, v (batch, Sk, kv_heads, D), where local query i
+    sees local key j iff -left <= j - i <= right. The caller folds the blocks'
+    global offsets into (left, right), which may then be negative or exceed the
+    block. Returns (out in q's dtype, lse (batch, q_heads, Sq) float32, natural
+    log); a row that sees no key gets out 0 and lse -inf. CUDA only; the
+    default softmax scale (scale q beforehand for another)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.device.type != "cuda":
+            raise ValueError(f"{name} must be a 4-D CUDA tensor (batch, seq, heads, head_dim)")
+    if q.dtype not in DTYPES or not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must all be float16 or all bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    (b, sq, hq, d), (bk, sk, hk, dk) = q.shape, k.shape
+    if k.shape != v.shape or b != bk or d != dk or d not in HEAD_DIMS or hq % hk:
+        raise ValueError(f"incompatible blocks: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    span = sq + sk  # beyond this a window is all or nothing; keeps the kernel's int32 sums small
+    left, right = max(min(left, span), -span), max(min(right, span), -span)
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
+    win, kt = _placeholders(q.device)
+    kernel = compiled_forward(d, DTYPES[q.dtype], cuda_arch(q.device), None, "window")
+    kernel(q, k, v, out, lse, win, kt, left, right, 0, hq, hk, sk, 1)
+    return out, lse
 
 
 def dense_mask(seq_len: int, left: int, right: int, dilation: int = 1, global_tokens: int = 0, device=None):

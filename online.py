@@ -1,0 +1,172 @@
+"""Online block aggregation of sliding-window attention.
+
+Attention over a set of keys can be computed a block of keys at a time: each
+block gives a partial output o_b (normalised over its own keys) and its
+log-sum-exp lse_b, and two partials over disjoint key sets merge exactly:
+
+    lse = log(exp(lse_1) + exp(lse_2))
+    o   = exp(lse_1 - lse) * o_1 + exp(lse_2 - lse) * o_2
+
+``merge_`` is that step, in place; the distributed code (distributed.py) uses
+the same function. A row that has seen no key yet has lse = -inf and o = 0,
+and merging a block it cannot see (lse_b = -inf) leaves it unchanged, NaN-free.
+
+Window (the repository's one definition): query i sees key j iff
+-left <= j - i <= right, or i < global_tokens or j < global_tokens, with
+``window=W`` meaning left = right = W and ``causal`` meaning right = 0;
+positions are global, so a block at offset (q_offset, k_offset) is masked
+where it lies in the whole sequence.
+
+Layout (batch, seq, heads, head_dim), separate Q, K, V, GQA (q_heads a
+multiple of kv_heads). On CUDA (float16/bfloat16, head_dim 64/128, no global
+token in the block) a block runs the TileLang kernel (``swattn.attention_block``);
+otherwise the eager path below (float32, or float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import swattn
+
+
+def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor):
+    """Merge a partial attention (block_out, block_lse) over new keys into (out, lse), in place.
+
+    out, block_out (batch, seq, heads, head_dim); lse, block_lse (batch, heads, seq),
+    natural log, -inf where a row has no key. Returns (out, lse).
+    """
+    new_lse = torch.logaddexp(lse, block_lse)
+    ref = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)  # -inf rows: exp(-inf - 0) = 0
+    w_old = torch.exp(lse - ref).transpose(1, 2).unsqueeze(-1)
+    w_new = torch.exp(block_lse - ref).transpose(1, 2).unsqueeze(-1)
+    out.mul_(w_old.to(out.dtype)).add_(block_out.to(out.dtype) * w_new.to(out.dtype))
+    lse.copy_(new_lse)
+    return out, lse
+
+
+def window_bounds(window, causal: bool, seq_len: int) -> tuple[int, int]:
+    """(left, right) of an int W, a pair, or None (full attention), with causal -> right = 0."""
+    if window is None:
+        window = max(seq_len - 1, 0)
+    return swattn.normalize_window(window, causal, max(seq_len, 1))
+
+
+def block_visible(q_offset: int, q_len: int, k_offset: int, k_len: int, left: int, right: int, global_tokens: int):
+    """Whether any (query, key) pair of the two blocks is inside the window."""
+    if q_len == 0 or k_len == 0:
+        return False
+    if q_offset < global_tokens or k_offset < global_tokens:
+        return True
+    lo = k_offset - (q_offset + q_len - 1)  # smallest j - i
+    hi = k_offset + k_len - 1 - q_offset  # largest j - i
+    return lo <= right and hi >= -left
+
+
+def block_mask(q_offset, q_len, k_offset, k_len, left, right, global_tokens, device=None) -> torch.Tensor:
+    """Boolean (q_len, k_len): which pairs of the two blocks the window keeps."""
+    i = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
+    j = torch.arange(k_offset, k_offset + k_len, device=device)[None, :]
+    return ((j - i >= -left) & (j - i <= right)) | (i < global_tokens) | (j < global_tokens)
+
+
+def block_attention(
+    q, k, v, q_offset: int, k_offset: int, left: int, right: int, global_tokens: int = 0, scale: float | None = None
+):
+    """Partial attention of a query block to a key block at their global offsets.
+
+    Returns (out, lse): out (batch, q_len, q_heads, head_dim) float32 (float64 for
+    float64 inputs), lse (batch, q_heads, q_len) float32/64, natural log; rows
+    that see no key of the block get 0 and -inf.
+    """
+    b, sq, hq, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    touches_global = q_offset < global_tokens or k_offset < global_tokens
+    if q.is_cuda and q.dtype in swattn.DTYPES and d in swattn.HEAD_DIMS and not touches_global:
+        if scale is not None:
+            q = q * (scale * math.sqrt(d))
+        delta = q_offset - k_offset  # local j - i = global (j - i) + delta
+        out, lse = swattn.attention_block(q, k, v, left - delta, right + delta)
+        return out.float(), lse
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    group = hq // hk
+    qt = q.to(work).transpose(1, 2)
+    kt = k.to(work).transpose(1, 2).repeat_interleave(group, dim=1)
+    vt = v.to(work).transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = (qt @ kt.transpose(-1, -2)) * scale
+    mask = block_mask(q_offset, sq, k_offset, sk, left, right, global_tokens, device=q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    ref = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = (torch.exp(scores - ref.unsqueeze(-1)) @ vt).transpose(1, 2)
+    return out, lse
+
+
+def empty_state(q: torch.Tensor):
+    """(out, lse) before any key block, for q (batch, seq, heads, dim): zeros and -inf,
+    float32 (float64 for float64 q)."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(q.shape, dtype=work, device=q.device)
+    lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=work, device=q.device)
+    return out, lse
+
+
+class OfflineSlidingWindowAttn(torch.nn.Module):
+    """The whole sequence at once: (q, k, v) -> (out, lse). The oracle of the online module."""
+
+    def __init__(self, window=128, causal: bool = False, global_tokens: int = 0, scale: float | None = None):
+        super().__init__()
+        self.window, self.causal, self.global_tokens, self.scale = window, causal, global_tokens, scale
+
+    def forward(self, q, k, v):
+        left, right = window_bounds(self.window, self.causal, q.shape[1])
+        return block_attention(q, k, v, 0, 0, left, right, self.global_tokens, self.scale)
+
+
+class OnlineSlidingWindowAttn(torch.nn.Module):
+    """One (query block, key block) at a time, merged into a global output in place.
+
+    ``forward(q_block, k_block, v_block, block_idx_q, block_idx_kv, global_out,
+    global_lse)``: the query block holds rows block_idx_q * block_size_q ... of the
+    sequence, the key block rows block_idx_kv * block_size_kv ...; the block's
+    partial attention is merged into global_out[:, rows] and global_lse[:, :, rows].
+    Start from ``empty_state`` (out 0, lse -inf); any order and any set of
+    disjoint key blocks covering the sequence gives the offline result.
+    """
+
+    def __init__(
+        self,
+        seq_len: int,
+        block_size_q: int,
+        block_size_kv: int,
+        window=128,
+        causal: bool = False,
+        global_tokens: int = 0,
+        scale: float | None = None,
+    ):
+        super().__init__()
+        if min(seq_len, block_size_q, block_size_kv) < 1:
+            raise ValueError("seq_len and block sizes must be >= 1")
+        self.seq_len, self.block_size_q, self.block_size_kv = seq_len, block_size_q, block_size_kv
+        self.left, self.right = window_bounds(window, causal, seq_len)
+        self.global_tokens, self.scale = global_tokens, scale
+
+    empty_state = staticmethod(empty_state)
+
+    def forward(self, q, k, v, block_idx_q: int, block_idx_kv: int, global_out, global_lse):
+        q0, k0 = block_idx_q * self.block_size_q, block_idx_kv * self.block_size_kv
+        if not (0 <= q0 < self.seq_len and 0 <= k0 < self.seq_len):
+            raise ValueError(f"block ({block_idx_q}, {block_idx_kv}) lies outside the sequence of {self.seq_len}")
+        if q.shape[1] != min(self.block_size_q, self.seq_len - q0) or k.shape[1] != min(
+            self.block_size_kv, self.seq_len - k0
+        ):
+            raise ValueError(f"block shapes {tuple(q.shape)}, {tuple(k.shape)} do not match the block sizes")
+        rows = slice(q0, q0 + q.shape[1])
+        if not block_visible(q0, q.shape[1], k0, k.shape[1], self.left, self.right, self.global_tokens):
+            return global_out, global_lse  # nothing of this key block is visible: the state is unchanged
+        out, lse = block_attention(q, k, v, q0, k0, self.left, self.right, self.global_tokens, self.scale)
+        merge_(global_out[:, rows], global_lse[:, :, rows], out, lse)
+        return global_out, global_lse

@@ -1,0 +1,113 @@
+"""Sequence-parallel attention (distributed.py) on 2, 3 and 4 gloo ranks (CPU)
+against the single-process reference; on two GPUs with NCCL when present.
+
+Window: query i sees key j iff -left <= j - i <= right, or either is below
+global_tokens (reference.local_mask). Each spawn runs the whole grid of cases
+(spawning costs more than the cases)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SHARD = 8
+# (window, causal, global_tokens, q_heads, kv_heads): windows below, at and above a shard, full
+CASES = [
+    (3, False, 0, 4, 2),
+    (3, True, 0, 2, 2),
+    (SHARD, False, 0, 4, 1),
+    (13, False, 0, 4, 4),
+    ((13, 2), False, 0, 4, 2),
+    (21, True, 0, 4, 2),
+    (1000, False, 0, 2, 2),
+    (0, False, 0, 2, 1),
+    (None, False, 0, 4, 2),
+    (None, True, 0, 4, 2),
+    (2, False, 3, 4, 2),
+    (5, True, 11, 2, 2),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank: int, world: int, port: int, backend: str):
+    sys.path.insert(0, str(ROOT))
+    import distributed
+    import reference as ref
+    from online import window_bounds
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        dtype = torch.float16 if backend == "nccl" else torch.float64
+        shard = 512 if backend == "nccl" else SHARD
+        head_dim = 64 if backend == "nccl" else 8
+        seq_len = shard * world
+        for n, (window, causal, g, hq, hk) in enumerate(CASES):
+            gen = torch.Generator().manual_seed(n)
+            q = torch.randn(2, seq_len, hq, head_dim, generator=gen, dtype=torch.float64)
+            k, v = (torch.randn(2, seq_len, hk, head_dim, generator=gen, dtype=torch.float64) for _ in range(2))
+            mine = slice(rank * shard, (rank + 1) * shard)
+            out, lse = distributed.sliding_window_attention_sp(
+                *(x[:, mine].to(device, dtype) for x in (q, k, v)),
+                window,
+                causal=causal,
+                global_tokens=g,
+                return_lse=True,
+            )
+            left, right = window_bounds(window, causal, seq_len)
+            want, want_lse = ref.attention_ref(
+                q, k, v, ref.local_mask(seq_len, left, right, global_tokens=g), return_lse=True
+            )
+            err = ref.rel_err(out.cpu(), want[:, mine])
+            lse_err = (lse.cpu().double() - want_lse[:, :, mine]).abs().max().item()
+            bound, lse_bound = (1e-2, 1e-2) if backend == "nccl" else (1e-12, 1e-10)
+            assert err < bound and lse_err < lse_bound, (
+                f"rank {rank}/{world} case {CASES[n]}: err {err:.1e}, lse {lse_err:.1e}"
+            )
+        # uneven shards are refused on every rank
+        x = torch.zeros(1, shard + (rank == 0), 2, head_dim, device=device, dtype=dtype)
+        try:
+            distributed.sliding_window_attention_sp(x, x, x, 3)
+        except ValueError as e:
+            assert "equal lengths" in str(e)
+        else:
+            raise AssertionError("uneven shards were accepted")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_gloo_ranks_match_single_process_reference(world):
+    mp.spawn(worker, args=(world, free_port(), "gloo"), nprocs=world, join=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_nccl_two_gpus_match_reference():
+    mp.spawn(worker, args=(2, free_port(), "nccl"), nprocs=2, join=True)
+
+
+def test_backward_is_refused_clearly():
+    import distributed
+
+    x = torch.zeros(1, 4, 1, 8, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        distributed.sliding_window_attention_sp(x, x, x, 2)
