@@ -473,7 +473,6 @@ def sliding_window_attention(
         q, k, v = (x.transpose(1, 2) if isinstance(x, torch.Tensor) else x for x in (q, k, v))
     _check(q, k, v, dilation, global_tokens, scale)
     b, s, hq, d = q.shape
-    hk = k.shape[2]
     adaptive = is_adaptive(window)
     if adaptive:
         row_windows = adaptive_windows(window, causal, hq, s, q.device)
@@ -483,12 +482,29 @@ def sliding_window_attention(
     if scale is not None:  # the kernel applies 1/sqrt(d): fold the ratio into q
         q = q * (scale * math.sqrt(d))
     q, k, v = (x.contiguous() for x in (q, k, v))  # a no-op for contiguous inputs
+    if not adaptive and global_tokens == 0:  # the differentiable path (ops.py: custom ops + autograd)
+        import ops
+
+        out, lse = ops.attention(q, k, v, left, right, dilation)
+    else:
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+            raise NotImplementedError("global tokens and adaptive windows have no backward pass yet (forward only)")
+        out, lse = _forward_any(q, k, v, left, right, dilation, global_tokens, row_windows if adaptive else None)
+    if layout == "bhsd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def _forward_any(q, k, v, left, right, dilation, global_tokens, row_windows):
+    """The forward kernel in any mode, without autograd: global tokens, adaptive windows."""
+    b, s, hq, d = q.shape
+    hk = k.shape[2]
     qv, kv, vv = (to_classes(x, dilation) for x in (q, k, v))
     out = torch.empty_like(qv)
     sd = qv.shape[1]
     lse = torch.empty(b, qv.shape[2], sd, device=q.device, dtype=torch.float32)
     arch = cuda_arch(q.device)
-    if adaptive:
+    if row_windows is not None:
         mode = "adaptive"
         win = torch.stack([rows_to_classes(w, dilation) for w in row_windows], -1).contiguous()
         valid = class_len(s, torch.arange(dilation * hq, device=q.device) // hq, dilation)
@@ -499,10 +515,7 @@ def sliding_window_attention(
         win, kt = _placeholders(q.device)
     kernel = compiled_forward(d, DTYPES[q.dtype], arch, None, mode)
     kernel(qv, kv, vv, out, lse, win, kt, min(left, sd - 1), min(right, sd - 1), global_tokens, hq, hk, s, dilation)
-    out, lse = from_classes(out, lse, s, dilation)
-    if layout == "bhsd":
-        out = out.transpose(1, 2)
-    return (out, lse) if return_lse else out
+    return from_classes(out, lse, s, dilation)
 
 
 def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int):

@@ -1,0 +1,194 @@
+"""Backward pass of sliding-window attention in TileLang (FlashAttention-2 structure).
+
+Window: the repository's one definition (swattn.py): local query i sees key j
+iff -left <= j - i <= right (and both exist), over the head classes of a
+dilation (swattn.to_classes), with GQA. Global tokens and adaptive windows
+have no backward yet (ops.py refuses them with a clear error).
+
+Three steps, no O(N^2) buffer anywhere:
+  1. ``make_preprocess``: delta_i = rowsum(dO_i * O_i), float32 (batch, heads, seq).
+  2. ``make_backward``: one CTA per (key tile, kv head, batch) walks, from the key
+     side, the query tiles whose window reaches its keys (``key_tile_schedule``
+     with left and right swapped), for every query head of its GQA group. It
+     recomputes P = exp(S - lse) from the forward's log-sum-exp, accumulates dK
+     and dV in registers (summed over the group: K/V are never repeated), and
+     atomically adds each tile's dQ into a float32 buffer.
+  3. dQ is cast to the input dtype (the launcher's ``.to``).
+"""
+
+# No `from __future__ import annotations`: TileLang evaluates the prim_func annotations.
+import functools
+import math
+
+import tilelang
+import tilelang.language as T
+import torch
+import tvm.tirx as tir  # tvm ships inside tilelang; importable once tilelang is
+
+import swattn
+
+TILES = {
+    # (block_m query rows, block_n keys, threads, num_stages) per head_dim. A first,
+    # untuned choice (the forward's sweep does not carry over: the backward holds
+    # dK and dV in registers besides the score tile).
+    "sm_90a": {64: (64, 64, 128, 2), 128: (64, 64, 128, 2)},
+    "sm_80": {64: (64, 64, 128, 1), 128: (64, 64, 128, 1)},
+}
+
+
+def tile_config(head_dim: int, arch: str) -> tuple[int, int, int, int]:
+    return TILES["sm_90a" if arch.startswith("sm_9") else "sm_80"][head_dim]
+
+
+@functools.cache
+def make_preprocess(head_dim: int, dtype: str):
+    """delta = rowsum(dO * O) in float32, the term dS = P * (dP - delta) needs."""
+    accum, rows = "float32", 64
+    batch, seq_len, heads = T.dynamic("batch"), T.dynamic("seq_len"), T.dynamic("heads")
+
+    @T.prim_func
+    def preprocess(
+        O: T.Tensor((batch, seq_len, heads, head_dim), dtype),
+        dO: T.Tensor((batch, seq_len, heads, head_dim), dtype),
+        Delta: T.Tensor((batch, heads, seq_len), accum),
+    ):
+        with T.Kernel(T.ceildiv(seq_len, rows), heads, batch, threads=128) as (bx, h, b):
+            o = T.alloc_fragment((rows, head_dim), accum)
+            do = T.alloc_fragment((rows, head_dim), accum)
+            delta = T.alloc_fragment((rows,), accum)
+            T.copy(O[b, bx * rows : (bx + 1) * rows, h, :], o)
+            T.copy(dO[b, bx * rows : (bx + 1) * rows, h, :], do)
+            for i, j in T.Parallel(rows, head_dim):
+                o[i, j] *= do[i, j]
+            T.reduce_sum(o, delta, dim=1)
+            for i in T.Parallel(rows):
+                if bx * rows + i < seq_len:
+                    Delta[b, h, bx * rows + i] = delta[i]
+
+    return preprocess
+
+
+@functools.cache
+def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple | None = None):
+    """dQ (float32, accumulated atomically), dK, dV for the window (left, right)."""
+    block_m, block_n, threads, num_stages = tile or tile_config(head_dim, arch)
+    accum = "float32"
+    batch, seq_len = T.dynamic("batch"), T.dynamic("seq_len")
+    q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
+    sm_scale = 1.0 / math.sqrt(head_dim)
+    scale_log2 = swattn.LOG2E * sm_scale
+
+    @T.prim_func
+    def backward(
+        Q: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
+        K: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
+        V: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
+        dO: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
+        LSE: T.Tensor((batch, q_heads, seq_len), accum),
+        Delta: T.Tensor((batch, q_heads, seq_len), accum),
+        dQ: T.Tensor((batch, seq_len, q_heads, head_dim), accum),
+        dK: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
+        dV: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
+        left: T.int32,
+        right: T.int32,
+        kv_heads_per_class: T.int32,
+        true_seq_len: T.int32,
+        dilation: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(seq_len, block_n), kv_heads, batch, threads=threads) as (bx, kvh, b):
+            k_s = T.alloc_shared((block_n, head_dim), dtype)
+            v_s = T.alloc_shared((block_n, head_dim), dtype)
+            q_s = T.alloc_shared((block_m, head_dim), dtype)
+            do_s = T.alloc_shared((block_m, head_dim), dtype)
+            ds_s = T.alloc_shared((block_n, block_m), dtype)
+            lse_s = T.alloc_shared((block_m,), accum)
+            delta_s = T.alloc_shared((block_m,), accum)
+            st = T.alloc_fragment((block_n, block_m), accum)  # S^T, then P^T
+            dpt = T.alloc_fragment((block_n, block_m), accum)  # dP^T, then dS^T
+            pt_cast = T.alloc_fragment((block_n, block_m), dtype)
+            dk = T.alloc_fragment((block_n, head_dim), accum)
+            dv = T.alloc_fragment((block_n, head_dim), accum)
+            dq = T.alloc_fragment((block_m, head_dim), accum)
+
+            group = q_heads // kv_heads
+            # Keys and queries that exist in this head class (dilation pads classes).
+            valid = swattn.class_len(true_seq_len, kvh // kv_heads_per_class, dilation)
+            # The query tiles whose rows see a key of this tile: the forward's
+            # schedule seen from the key side (left and right swap, so do the tiles).
+            _, lo, hi = swattn.key_tile_schedule(bx, valid, right, left, 0, block_n, block_m, T.max, T.min)
+            n_q = hi - lo
+
+            T.copy(K[b, bx * block_n : (bx + 1) * block_n, kvh, :], k_s)
+            T.copy(V[b, bx * block_n : (bx + 1) * block_n, kvh, :], v_s)
+            T.fill(dk, 0)
+            T.fill(dv, 0)
+            for it in T.Pipelined(group * n_q, num_stages=num_stages):
+                qh = kvh * group + it // n_q
+                qt = lo + it % n_q
+                T.copy(Q[b, qt * block_m : (qt + 1) * block_m, qh, :], q_s)
+                T.copy(dO[b, qt * block_m : (qt + 1) * block_m, qh, :], do_s)
+                T.copy(LSE[b, qh, qt * block_m : (qt + 1) * block_m], lse_s)
+                T.copy(Delta[b, qh, qt * block_m : (qt + 1) * block_m], delta_s)
+                T.fill(st, 0)
+                T.gemm(k_s, q_s, st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                for j, i in T.Parallel(block_n, block_m):
+                    kj = bx * block_n + j
+                    qi = qt * block_m + i
+                    seen = tir.all(kj < valid, qi < valid, kj >= qi - left, kj <= qi + right)
+                    # Masked and out-of-range pairs are 0 by selection, never by
+                    # multiplying: rows past the end may hold anything.
+                    st[j, i] = T.if_then_else(seen, T.exp2(st[j, i] * scale_log2 - lse_s[i] * swattn.LOG2E), 0)
+                T.fill(dpt, 0)
+                T.gemm(v_s, do_s, dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                T.copy(st, pt_cast)
+                T.gemm(pt_cast, do_s, dv, policy=T.GemmWarpPolicy.FullRow)
+                for j, i in T.Parallel(block_n, block_m):
+                    dpt[j, i] = T.if_then_else(st[j, i] > 0, st[j, i] * (dpt[j, i] - delta_s[i]) * sm_scale, 0)
+                T.copy(dpt, pt_cast)
+                T.gemm(pt_cast, q_s, dk, policy=T.GemmWarpPolicy.FullRow)
+                T.copy(pt_cast, ds_s)
+                T.fill(dq, 0)
+                T.gemm(ds_s, k_s, dq, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
+                for i, d in T.Parallel(block_m, head_dim):
+                    if qt * block_m + i < seq_len:
+                        T.atomic_add(dQ[b, qt * block_m + i, qh, d], dq[i, d])
+            for j, d in T.Parallel(block_n, head_dim):
+                if bx * block_n + j < seq_len:
+                    dK[b, bx * block_n + j, kvh, d] = dk[j, d]
+                    dV[b, bx * block_n + j, kvh, d] = dv[j, d]
+
+    return backward
+
+
+@functools.cache
+def compiled_preprocess(head_dim: int, dtype: str, arch: str):
+    return tilelang.compile(make_preprocess(head_dim, dtype), target={"kind": "cuda", "arch": arch})
+
+
+@functools.cache
+def compiled_backward(head_dim: int, dtype: str, arch: str, tile: tuple | None = None):
+    return tilelang.compile(
+        make_backward(head_dim, dtype, arch, tile),
+        target={"kind": "cuda", "arch": arch},
+        pass_configs={"tl.enable_fast_math": True},
+    )
+
+
+def attention_backward(
+    do, q, k, v, out, lse, left: int, right: int, true_seq_len: int, dilation: int, kv_heads_per_class: int, dlse=None
+):
+    """dq, dk, dv (input dtype) for tensors in the kernel's layout (head classes
+    already formed: swattn.to_classes); lse natural log from the forward. ``dlse``,
+    the gradient of the lse output if it was used, enters as delta - dlse."""
+    b, s, hq, d = q.shape
+    dtype, arch = swattn.DTYPES[q.dtype], swattn.cuda_arch(q.device)
+    do = do.contiguous()
+    delta = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
+    compiled_preprocess(d, dtype, arch)(out, do, delta)
+    if dlse is not None:
+        delta -= dlse
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    kernel = compiled_backward(d, dtype, arch)
+    kernel(q, k, v, do, lse, delta, dq, dk, dv, left, right, kv_heads_per_class, true_seq_len, dilation)
+    return dq.to(q.dtype), dk, dv

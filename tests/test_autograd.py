@@ -1,0 +1,162 @@
+"""Backward pass and autograd (backward.py, ops.py).
+
+CPU: the custom ops' bookkeeping (eager path) against autograd through the
+float64 reference, opcheck, torch.compile without graph breaks, and every
+backward kernel compiles. GPU: the TileLang backward against the reference,
+with the tolerance scaled by PyTorch's own low-precision error (as
+flash-attention's tests do).
+
+Window: local query i sees key j iff j = i + k * dilation, -left <= k <= right
+(reference.local_mask)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ops
+import reference as ref
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def leaf(*shape, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype=dtype, device=device).requires_grad_()
+
+
+def grads_of(fn, q, k, v, g_out, g_lse):
+    """(out, lse, dq, dk, dv) of loss = <out, g_out> + <lse, g_lse>."""
+    out, lse = fn(q, k, v)
+    finite = torch.isfinite(lse)  # rows that see nothing: lse -inf, no gradient through it
+    loss = (out * g_out).sum() + (torch.where(finite, lse, 0) * g_lse).sum()
+    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
+    return out, lse, dq, dk, dv
+
+
+# (batch, q_heads, kv_heads, seq, left, right, dilation)
+CASES = [
+    (2, 4, 2, 37, 5, 5, 1),
+    (1, 4, 4, 1, 0, 0, 1),
+    (1, 4, 1, 65, 20, 0, 1),
+    (2, 2, 2, 40, 3, 7, 2),
+    (1, 4, 2, 31, 4, 4, 3),
+    (1, 2, 1, 50, 100, 100, 1),
+    (1, 2, 2, 20, 0, 0, 1),
+]
+
+
+def reference_fn(left, right, dilation):
+    def fn(q, k, v):
+        mask = ref.local_mask(q.shape[1], left, right, dilation)
+        return ref.attention_ref(q, k, v, mask, return_lse=True)
+
+    return fn
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_cpu_op_gradients_match_reference(case):
+    b, hq, hk, s, left, right, dil = CASES[case]
+    q, k, v = leaf(b, s, hq, 16, seed=case), leaf(b, s, hk, 16, seed=case + 50), leaf(b, s, hk, 16, seed=case + 99)
+    g_out, g_lse = torch.randn(b, s, hq, 16, dtype=torch.float64), torch.randn(b, hq, s, dtype=torch.float64)
+    got = grads_of(lambda *x: ops.attention(*x, left, right, dil), q, k, v, g_out, g_lse)
+    want = grads_of(reference_fn(left, right, dil), q, k, v, g_out, g_lse)
+    for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        assert ref.rel_err(a, w) < 1e-5, name  # the CPU path computes in float32
+
+
+def test_cpu_op_takes_non_contiguous_grad_output():
+    q, k, v = leaf(1, 24, 2, 16, seed=1), leaf(1, 24, 2, 16, seed=2), leaf(1, 24, 2, 16, seed=3)
+    out, _ = ops.attention(q, k, v, 4, 4)
+    g = torch.randn(1, 16, 2, 24, dtype=torch.float64).transpose(1, 3)  # (1, 24, 2, 16), not contiguous
+    assert not g.is_contiguous()
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(reference_fn(4, 4, 1)(q, k, v)[0], (q, k, v), g)
+    assert all(ref.rel_err(a, w) < 1e-5 for a, w in zip(got, want, strict=True))
+
+
+def test_opcheck():
+    q, k, v = (
+        leaf(1, 20, 4, 16, dtype=torch.float32),
+        leaf(1, 20, 2, 16, dtype=torch.float32, seed=1),
+        leaf(1, 20, 2, 16, dtype=torch.float32, seed=2),
+    )
+    torch.library.opcheck(ops.attention_fwd, (q, k, v, 3, 2, 20, 1, 4, 2))
+
+
+def test_torch_compile_sees_one_opaque_op():
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward."""
+    q, k, v = (
+        leaf(1, 30, 4, 16, dtype=torch.float32),
+        leaf(1, 30, 2, 16, dtype=torch.float32, seed=1),
+        leaf(1, 30, 2, 16, dtype=torch.float32, seed=2),
+    )
+
+    def loss(q, k, v):
+        out, lse = ops.attention(q, k, v, 5, 0)
+        return out.square().sum() + lse.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    assert all(torch.allclose(a, w) for a, w in zip(got, want, strict=True))
+
+
+# --- compiles -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(64, "float16"), (128, "bfloat16"), (64, "bfloat16"), (128, "float16")])
+def test_backward_compiles_sm90a(head_dim, dtype):
+    import backward
+
+    assert "atomicAdd" in backward.compiled_backward(head_dim, dtype, "sm_90a").get_kernel_source()
+    assert "preprocess" in backward.compiled_preprocess(head_dim, dtype, "sm_90a").get_kernel_source()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_dim,dtype", [(64, "float16"), (128, "bfloat16")])
+def test_backward_compiles_sm80(head_dim, dtype):
+    import backward
+
+    assert "atomicAdd" in backward.compiled_backward(head_dim, dtype, "sm_80").get_kernel_source()
+    assert "preprocess" in backward.compiled_preprocess(head_dim, dtype, "sm_80").get_kernel_source()
+
+
+# --- GPU -------------------------------------------------------------------------------
+
+GPU_CASES = [
+    (2, 4, 2, 1000, 128, 128, 1),
+    (1, 4, 4, 63, 1, 1, 1),
+    (1, 8, 2, 777, 200, 0, 1),
+    (1, 4, 1, 513, 30, 70, 1),
+    (2, 4, 4, 1024, 5000, 5000, 1),
+    (1, 4, 2, 999, 20, 5, 3),
+    (1, 2, 2, 1, 0, 0, 1),
+]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", range(len(GPU_CASES)))
+def test_kernel_gradients_match_reference(case, head_dim, dtype):
+    b, hq, hk, s, left, right, dil = GPU_CASES[case]
+    shape_q, shape_kv = (b, s, hq, head_dim), (b, s, hk, head_dim)
+    q64, k64, v64 = leaf(*shape_q, seed=case), leaf(*shape_kv, seed=case + 50), leaf(*shape_kv, seed=case + 99)
+    q64, k64, v64 = (x.detach().cuda().requires_grad_() for x in (q64, k64, v64))
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q64, k64, v64))
+    g_out = torch.randn(shape_q, device="cuda", dtype=torch.float64)
+    g_lse = torch.randn(b, hq, s, device="cuda", dtype=torch.float64)
+    import swattn
+
+    def kernel(q, k, v):
+        return swattn.sliding_window_attention(q, k, v, (left, right), dilation=dil, return_lse=True)
+
+    want = grads_of(reference_fn(left, right, dil), q64, k64, v64, g_out, g_lse)
+    torch_low = grads_of(reference_fn(left, right, dil), q, k, v, g_out.to(dtype), g_lse.float())
+    got = grads_of(kernel, q, k, v, g_out.to(dtype), g_lse.float())
+    for name, a, lo, w in zip(("out", "lse", "dq", "dk", "dv"), got, torch_low, want, strict=True):
+        assert torch.isfinite(a).all() or name == "lse", name
+        assert ref.rel_err(a, w) <= 2 * ref.rel_err(lo, w) + 1e-4, name
