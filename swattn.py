@@ -559,9 +559,11 @@ class SlidingWindowAttention(torch.nn.Module):
     embedding), with the sliding window of ``sliding_window_attention``.
 
     Input and output (batch, seq, hidden_size). On CUDA with float16/bfloat16 and
-    a supported head_dim it runs the TileLang kernel; otherwise PyTorch's SDPA
-    with the same window as a dense mask (K/V heads repeated there: it is the
-    slow path). ``num_kv_heads < num_heads`` is grouped-query attention.
+    a supported head_dim it runs the TileLang kernel (differentiable); otherwise
+    PyTorch's SDPA with the same window as a dense mask (K/V heads repeated
+    there: it is the slow path). ``impl`` forces one ("kernel" or "sdpa", the
+    reference of the training comparison). ``num_kv_heads < num_heads`` is
+    grouped-query attention.
     """
 
     def __init__(
@@ -574,8 +576,12 @@ class SlidingWindowAttention(torch.nn.Module):
         dilation: int = 1,
         global_tokens: int = 0,
         bias: bool = False,
+        impl: str = "auto",
     ):
         super().__init__()
+        if impl not in ("auto", "kernel", "sdpa"):
+            raise ValueError(f"impl must be 'auto', 'kernel' or 'sdpa', got {impl!r}")
+        self.impl = impl
         num_kv_heads = num_kv_heads or num_heads
         if hidden_size % num_heads or num_heads % num_kv_heads:
             raise ValueError("need hidden_size % num_heads == 0 and num_heads % num_kv_heads == 0")
@@ -593,7 +599,10 @@ class SlidingWindowAttention(torch.nn.Module):
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         opts = dict(causal=self.causal, dilation=self.dilation, global_tokens=self.global_tokens)
-        if x.is_cuda and x.dtype in DTYPES and self.head_dim in HEAD_DIMS:
+        use_kernel = x.is_cuda and q.dtype in DTYPES and self.head_dim in HEAD_DIMS
+        if self.impl == "kernel" and not use_kernel:
+            raise ValueError("impl='kernel' needs CUDA float16/bfloat16 activations and head_dim 64 or 128")
+        if use_kernel and self.impl != "sdpa":
             o = sliding_window_attention(q, k, v, self.window, **opts)
         else:
             left, right = normalize_window(self.window, self.causal, s)
