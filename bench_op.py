@@ -3,6 +3,7 @@ configs/bench_op.json (issue 3): batched, multi-head, GQA, long sequences.
 
     python bench_op.py                 # every shape, fp16 and bf16
     python bench_op.py --dtypes float16 --out results/op
+    python bench_op.py --backward      # forward + backward (backward = 2.5x the forward's FLOPs)
 
 Columns, per shape and dtype (medians of triton.testing.do_bench, inputs made
 once outside the timing):
@@ -76,7 +77,9 @@ def sdpa_impl(sh: dict):
     return run, group
 
 
-def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict) -> list[dict]:
+def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict, backward: bool = False) -> list[dict]:
+    """One row per implementation; ``backward``: time forward + backward (dO given),
+    counting the backward as 2.5x the forward's FLOPs."""
     from triton.testing import do_bench
 
     b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
@@ -94,16 +97,28 @@ def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict) -> list[dict]:
         "sdpa " + ("causal" if sh["right"] == 0 else "full"): lambda: sdpa(qt, kr, vr),
     }
     err = ref.rel_err(impls["swattn"]().transpose(1, 2), impls["flex"]())
-    flops = 4 * b * hq * d * visible_pairs(s, *window)
-    floor = floor_us(sh, flops, peaks)
+    flops = 4 * b * hq * d * visible_pairs(s, *window) * (3.5 if backward else 1)
+    floor = floor_us(sh, flops, peaks) * (3 if backward else 1)  # fwd + bwd reads/writes ~3x the bytes
+    leaves = [q, k, v, qt, kt, vt, kr, vr]  # SDPA's repeated K/V too, or it would skip their gradients
+    if backward:
+        for x in leaves:
+            x.requires_grad_()
+        dout = torch.randn_like(q)
+
+        def step(forward, grad):
+            return lambda: forward().backward(grad)
+
+        # swattn returns (B, S, H, D); flex and SDPA (B, H, S, D)
+        impls = {n: step(f, dout if n == "swattn" else dout.transpose(1, 2)) for n, f in impls.items()}
     rows = []
     for name, fn in impls.items():
-        us = do_bench(fn, warmup=50, rep=200, return_mode="median") * 1e3
+        us = do_bench(fn, warmup=50, rep=200, grad_to_none=leaves if backward else None, return_mode="median") * 1e3
         rows.append(
             {
                 **sh,
                 "dtype": str(dtype).removeprefix("torch."),
                 "impl": name,
+                "pass": "fwd+bwd" if backward else "fwd",
                 "us": us,
                 "tflops": flops / us / 1e6,
                 "pct_floor": 100 * floor / us,
@@ -181,6 +196,7 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="*", default=CONFIG["dtypes"])
     p.add_argument("--shapes", type=int, nargs="*", help="indices into configs/bench_op.json's shapes")
     p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--backward", action="store_true", help="time forward + backward (results/bench_op_bwd.*)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_op.py needs a CUDA GPU.")
@@ -189,13 +205,14 @@ def main() -> None:
     rows = []
     for sh in shapes:
         for dt in args.dtypes:
-            rows += bench_shape(sh, DTYPES[dt], peaks)
+            rows += bench_shape(sh, DTYPES[dt], peaks, args.backward)
             print("\n".join(table(rows[-3:]).splitlines()[2:]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"env": environment(), "date": str(datetime.date.today()), "peaks": peaks, "command": " ".join(sys.argv)}
-    (out / "bench_op.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    plot(rows, out / "bench_op.png")
+    stem = "bench_op_bwd" if args.backward else "bench_op"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    plot(rows, out / f"{stem}.png")
     print(f"\n{meta['env']} | {meta['date']} | peaks {peaks}")
     print(table(rows))
 
