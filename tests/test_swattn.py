@@ -352,3 +352,23 @@ def test_module_cuda_kernel_matches_cpu_path():
     want = layer(x)  # CPU: the SDPA path, float32
     got = layer.to("cuda", torch.bfloat16)(x.to("cuda", torch.bfloat16))
     assert ref.rel_err(got.float().cpu(), want) < 2e-2
+
+
+def test_module_impl_switch():
+    with pytest.raises(ValueError, match="impl"):
+        swattn.SlidingWindowAttention(64, 4, impl="flash")
+    layer = swattn.SlidingWindowAttention(64, 4, 2, window=3, impl="kernel")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        layer(torch.zeros(1, 5, 64))
+
+
+@gpu
+@pytest.mark.gpu
+def test_forward_only_options_refuse_gradients():
+    q = rand(1, 70, 2, 64, dtype=torch.float16, device="cuda").requires_grad_()
+    with pytest.raises(NotImplementedError, match="no backward"):
+        swattn.sliding_window_attention(q, q, q, 4, global_tokens=2)
+    with pytest.raises(NotImplementedError, match="no backward"):
+        swattn.sliding_window_attention(q, q, q, torch.tensor([[1], [2]]))
+    with torch.no_grad():  # forward-only use stays open
+        assert swattn.sliding_window_attention(q, q, q, 4, global_tokens=2).shape == q.shape
