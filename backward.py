@@ -12,7 +12,9 @@ Three steps, no O(N^2) buffer anywhere:
      with left and right swapped), for every query head of its GQA group. It
      recomputes P = exp(S - lse) from the forward's log-sum-exp, accumulates dK
      and dV in registers (summed over the group: K/V are never repeated), and
-     atomically adds each tile's dQ into a float32 buffer.
+     atomically adds each tile's dQ into a float32 buffer. lse and delta are read
+     per element, not by TMA: a (batch, heads, seq) float32 row stride is a
+     multiple of 16 bytes only when seq is a multiple of 4, and TMA needs that.
   3. dQ is cast to the input dtype (the launcher's ``.to``).
 """
 
@@ -101,8 +103,6 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
             q_s = T.alloc_shared((block_m, head_dim), dtype)
             do_s = T.alloc_shared((block_m, head_dim), dtype)
             ds_s = T.alloc_shared((block_n, block_m), dtype)
-            lse_s = T.alloc_shared((block_m,), accum)
-            delta_s = T.alloc_shared((block_m,), accum)
             st = T.alloc_fragment((block_n, block_m), accum)  # S^T, then P^T
             dpt = T.alloc_fragment((block_n, block_m), accum)  # dP^T, then dS^T
             pt_cast = T.alloc_fragment((block_n, block_m), dtype)
@@ -127,8 +127,6 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
                 qt = lo + it % n_q
                 T.copy(Q[b, qt * block_m : (qt + 1) * block_m, qh, :], q_s)
                 T.copy(dO[b, qt * block_m : (qt + 1) * block_m, qh, :], do_s)
-                T.copy(LSE[b, qh, qt * block_m : (qt + 1) * block_m], lse_s)
-                T.copy(Delta[b, qh, qt * block_m : (qt + 1) * block_m], delta_s)
                 T.fill(st, 0)
                 T.gemm(k_s, q_s, st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 for j, i in T.Parallel(block_n, block_m):
@@ -137,13 +135,16 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
                     seen = tir.all(kj < valid, qi < valid, kj >= qi - left, kj <= qi + right)
                     # Masked and out-of-range pairs are 0 by selection, never by
                     # multiplying: rows past the end may hold anything.
-                    st[j, i] = T.if_then_else(seen, T.exp2(st[j, i] * scale_log2 - lse_s[i] * swattn.LOG2E), 0)
+                    lse = T.if_then_else(qi < seq_len, LSE[b, qh, qi], 0)
+                    st[j, i] = T.if_then_else(seen, T.exp2(st[j, i] * scale_log2 - lse * swattn.LOG2E), 0)
                 T.fill(dpt, 0)
                 T.gemm(v_s, do_s, dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 T.copy(st, pt_cast)
                 T.gemm(pt_cast, do_s, dv, policy=T.GemmWarpPolicy.FullRow)
                 for j, i in T.Parallel(block_n, block_m):
-                    dpt[j, i] = T.if_then_else(st[j, i] > 0, st[j, i] * (dpt[j, i] - delta_s[i]) * sm_scale, 0)
+                    qi = qt * block_m + i
+                    delta = T.if_then_else(qi < seq_len, Delta[b, qh, qi], 0)
+                    dpt[j, i] = T.if_then_else(st[j, i] > 0, st[j, i] * (dpt[j, i] - delta) * sm_scale, 0)
                 T.copy(dpt, pt_cast)
                 T.gemm(pt_cast, q_s, dk, policy=T.GemmWarpPolicy.FullRow)
                 T.copy(pt_cast, ds_s)
