@@ -110,7 +110,7 @@ def test_torch_compile_sees_one_opaque_op():
 def test_backward_compiles_sm90a(head_dim, dtype):
     import backward
 
-    assert "atomicAdd" in backward.compiled_backward(head_dim, dtype, "sm_90a").get_kernel_source()
+    assert "AtomicAdd" in backward.compiled_backward(head_dim, dtype, "sm_90a").get_kernel_source()
     assert "preprocess" in backward.compiled_preprocess(head_dim, dtype, "sm_90a").get_kernel_source()
 
 
@@ -119,7 +119,7 @@ def test_backward_compiles_sm90a(head_dim, dtype):
 def test_backward_compiles_sm80(head_dim, dtype):
     import backward
 
-    assert "atomicAdd" in backward.compiled_backward(head_dim, dtype, "sm_80").get_kernel_source()
+    assert "AtomicAdd" in backward.compiled_backward(head_dim, dtype, "sm_80").get_kernel_source()
     assert "preprocess" in backward.compiled_preprocess(head_dim, dtype, "sm_80").get_kernel_source()
 
 
