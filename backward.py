@@ -72,10 +72,15 @@ def make_preprocess(head_dim: int, dtype: str):
 
 @functools.cache
 def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple | None = None):
-    """dQ (float32, accumulated atomically), dK, dV for the window (left, right)."""
+    """dQ, dK, dV (float32; dQ accumulated atomically) for the window (left, right).
+
+    Q and K/V may differ in length (a block of a blocked or distributed
+    computation, offsets folded into left and right, which may then be negative);
+    ``true_q_len`` and ``true_seq_len`` count the queries and keys that exist
+    before any class padding."""
     block_m, block_n, threads, num_stages = tile or tile_config(head_dim, arch)
     accum = "float32"
-    batch, seq_len = T.dynamic("batch"), T.dynamic("seq_len")
+    batch, seq_len, kv_len = T.dynamic("batch"), T.dynamic("seq_len"), T.dynamic("kv_len")
     q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
     sm_scale = 1.0 / math.sqrt(head_dim)
     scale_log2 = swattn.LOG2E * sm_scale
@@ -83,21 +88,22 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
     @T.prim_func
     def backward(
         Q: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
-        K: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
-        V: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
+        K: T.Tensor((batch, kv_len, kv_heads, head_dim), dtype),
+        V: T.Tensor((batch, kv_len, kv_heads, head_dim), dtype),
         dO: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
         LSE: T.Tensor((batch, q_heads, seq_len), accum),
         Delta: T.Tensor((batch, q_heads, seq_len), accum),
         dQ: T.Tensor((batch, seq_len, q_heads, head_dim), accum),
-        dK: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
-        dV: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
+        dK: T.Tensor((batch, kv_len, kv_heads, head_dim), accum),
+        dV: T.Tensor((batch, kv_len, kv_heads, head_dim), accum),
         left: T.int32,
         right: T.int32,
         kv_heads_per_class: T.int32,
+        true_q_len: T.int32,
         true_seq_len: T.int32,
         dilation: T.int32,
     ):
-        with T.Kernel(T.ceildiv(seq_len, block_n), kv_heads, batch, threads=threads) as (bx, kvh, b):
+        with T.Kernel(T.ceildiv(kv_len, block_n), kv_heads, batch, threads=threads) as (bx, kvh, b):
             k_s = T.alloc_shared((block_n, head_dim), dtype)
             v_s = T.alloc_shared((block_n, head_dim), dtype)
             q_s = T.alloc_shared((block_m, head_dim), dtype)
@@ -112,10 +118,11 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
 
             group = q_heads // kv_heads
             # Keys and queries that exist in this head class (dilation pads classes).
-            valid = swattn.class_len(true_seq_len, kvh // kv_heads_per_class, dilation)
+            k_valid = swattn.class_len(true_seq_len, kvh // kv_heads_per_class, dilation)
+            q_valid = swattn.class_len(true_q_len, kvh // kv_heads_per_class, dilation)
             # The query tiles whose rows see a key of this tile: the forward's
             # schedule seen from the key side (left and right swap, so do the tiles).
-            _, lo, hi = swattn.key_tile_schedule(bx, valid, right, left, 0, block_n, block_m, T.max, T.min)
+            _, lo, hi = swattn.key_tile_schedule(bx, q_valid, right, left, 0, block_n, block_m, T.max, T.min)
             n_q = hi - lo
 
             T.copy(K[b, bx * block_n : (bx + 1) * block_n, kvh, :], k_s)
@@ -132,7 +139,7 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
                 for j, i in T.Parallel(block_n, block_m):
                     kj = bx * block_n + j
                     qi = qt * block_m + i
-                    seen = tir.all(kj < valid, qi < valid, kj >= qi - left, kj <= qi + right)
+                    seen = tir.all(kj < k_valid, qi < q_valid, kj >= qi - left, kj <= qi + right)
                     # Masked and out-of-range pairs are 0 by selection, never by
                     # multiplying: rows past the end may hold anything.
                     lse = T.if_then_else(qi < seq_len, LSE[b, qh, qi], 0)
@@ -154,7 +161,7 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
                     if qt * block_m + i < seq_len:
                         T.atomic_add(dQ[b, qt * block_m + i, qh, d], dq[i, d])
             for j, d in T.Parallel(block_n, head_dim):
-                if bx * block_n + j < seq_len:
+                if bx * block_n + j < kv_len:
                     dK[b, bx * block_n + j, kvh, d] = dk[j, d]
                     dV[b, bx * block_n + j, kvh, d] = dv[j, d]
 
@@ -176,20 +183,42 @@ def compiled_backward(head_dim: int, dtype: str, arch: str, tile: tuple | None =
 
 
 def attention_backward(
-    do, q, k, v, out, lse, left: int, right: int, true_seq_len: int, dilation: int, kv_heads_per_class: int, dlse=None
+    do,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    left: int,
+    right: int,
+    true_seq_len: int,
+    dilation: int,
+    kv_heads_per_class: int,
+    dlse=None,
+    true_q_len: int | None = None,
+    delta=None,
 ):
-    """dq, dk, dv (input dtype) for tensors in the kernel's layout (head classes
+    """(dq, dk, dv), float32, for tensors in the kernel's layout (head classes
     already formed: swattn.to_classes); lse natural log from the forward. ``dlse``,
-    the gradient of the lse output if it was used, enters as delta - dlse."""
+    the gradient of the lse output if it was used, enters as delta - dlse. For a
+    block (K/V of another length), ``true_q_len`` is Q's length and out/lse/do
+    are the merged (global) ones of these queries; ``delta`` (float32, batch,
+    heads, q_len), if given, replaces rowsum(dO * O) - dlse (then ``out`` is unused)."""
     b, s, hq, d = q.shape
     dtype, arch = swattn.DTYPES[q.dtype], swattn.cuda_arch(q.device)
     do = do.contiguous()
-    delta = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
-    compiled_preprocess(d, dtype, arch)(out, do, delta)
-    if dlse is not None:
-        delta -= dlse
+    if delta is None:
+        delta = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
+        compiled_preprocess(d, dtype, arch)(out.to(q.dtype).contiguous(), do.to(q.dtype), delta)
+        if dlse is not None:
+            delta -= dlse
+    delta = delta.float().contiguous()
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dk = torch.empty(k.shape, device=q.device, dtype=torch.float32)
+    dv = torch.empty(v.shape, device=q.device, dtype=torch.float32)
     kernel = compiled_backward(d, dtype, arch)
-    kernel(q, k, v, do, lse, delta, dq, dk, dv, left, right, kv_heads_per_class, true_seq_len, dilation)
-    return dq.to(q.dtype), dk, dv
+    q_len = true_seq_len if true_q_len is None else true_q_len
+    kernel(
+        q, k, v, do.to(q.dtype), lse, delta, dq, dk, dv, left, right, kv_heads_per_class, q_len, true_seq_len, dilation
+    )
+    return dq, dk, dv

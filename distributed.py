@@ -1,25 +1,26 @@
 """Sequence-parallel sliding-window attention over torch.distributed (NCCL on
-GPUs, gloo on CPUs), forward pass.
+GPUs, gloo on CPUs), forward and backward.
 
 The sequence is split into P equal shards, rank r holding positions
 [r * n, (r + 1) * n) of q, k, v as (batch, n, heads, head_dim). Window: the
 repository's one definition (online.py): query i sees key j iff
 -left <= j - i <= right, or either is below ``global_tokens``.
 
-Two schedules, both built on online.py's ``block_attention`` and ``merge_``:
+Two schedules, both built on online.py's blocks (``block_attention``,
+``block_attention_backward``) and its one merge (``merge_``):
 
 * halo (a pure window): rank r needs only the K/V rows within ``left`` before
-  and ``right`` after its shard, from as many neighbours as the window spans.
-  They travel with one ``batch_isend_irecv`` while the rank computes its own
-  shard's block; the halo blocks are merged in as they are used.
+  and ``right`` after its shard, from as many neighbours as the window spans
+  (``halo_plan``). They travel with one ``batch_isend_irecv`` while the rank
+  computes its own shard's block, and are kept for the backward, which sends
+  the halo's dK/dV back to their owners the same way, reversed.
 * ring (full attention, or global tokens, which every query must see): the
-  BurstAttention global-attention-optimisation ring. K/V blocks travel around
-  the ring, P - 1 hops; each hop's send/receive of the next block is posted
-  before the current block is computed (double buffering), and blocks the
-  window cannot see are skipped (not their transfer: the ring must go on).
-
-The backward pass (dK/dV of the halo returned to their owners; Q/dQ/dO/delta/lse
-around the ring) needs the backward kernels of issue 4 and is not built yet.
+  BurstAttention global-attention-optimisation ring. Forward: K/V blocks travel
+  around the ring, P - 1 hops, each hop's transfer posted before the current
+  block is computed (double buffering). Backward: K/V stay, and each query
+  shard's (q, dO, lse, delta) travels, its dQ accumulating on the way and
+  arriving home after the last hop. Blocks the window cannot see are skipped
+  (not their transfer: the ring must go on).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from online import block_attention, block_visible, empty_state, merge_, window_bounds
+from online import block_attention, block_attention_backward, block_visible, empty_state, merge_, window_bounds
 
 
 def _shard_len(q: torch.Tensor, group) -> int:
@@ -45,30 +46,135 @@ def _peer(group, rank: int) -> int:
     return dist.get_global_rank(group, rank) if group is not None else rank
 
 
-def halo_exchange(kv: torch.Tensor, left: int, right: int, group=None):
-    """Post the transfers of the K/V halo; returns (requests, {source rank: received rows}).
+def halo_plan(rank: int, world: int, n: int, left: int, right: int):
+    """Who sends which K/V rows to whom for a window (left, right) over shards of n.
 
-    kv (2, batch, n, kv_heads, head_dim) is this rank's K and V. Rank r receives
-    from rank r - o the last min(n, left - (o - 1) n) rows (o = 1, 2, ... while
-    rows remain) and from r + o the first min(n, right - (o - 1) n) rows, and
-    sends its own rows to the ranks that need them.
-    """
-    rank, world, n = dist.get_rank(group), dist.get_world_size(group), kv.shape[2]
-    ops, recv = [], {}
+    Returns (receives, sends): receives lists (source rank, rows) — the last
+    ``rows`` rows of a shard before this one, or the first of one after it;
+    sends lists (destination rank, rows, "tail" or "head") — which of this
+    shard's rows a neighbour needs."""
+    receives, sends = [], []
     for reach, direction in ((left, -1), (right, 1)):
         o = 1
         while (o - 1) * n < reach and o < world:
             rows = min(n, reach - (o - 1) * n)
             src, dst = rank + direction * o, rank - direction * o
-            if 0 <= src < world:  # my neighbour o steps away holds keys I need
-                buf = torch.empty_like(kv[:, :, :rows])
-                recv[src] = buf
-                ops.append(dist.P2POp(dist.irecv, buf, _peer(group, src), group))
-            if 0 <= dst < world:  # I hold keys that the rank o steps the other way needs
-                part = kv[:, :, n - rows :] if direction < 0 else kv[:, :, :rows]
-                ops.append(dist.P2POp(dist.isend, part.contiguous(), _peer(group, dst), group))
+            if 0 <= src < world:
+                receives.append((src, rows))
+            if 0 <= dst < world:  # the rank o steps the other way needs my rows
+                sends.append((dst, rows, "tail" if direction < 0 else "head"))
             o += 1
-    return (dist.batch_isend_irecv(ops) if ops else []), recv
+    return receives, sends
+
+
+def _rows(n: int, rows: int, side: str) -> slice:
+    """The first (``head``) or last (``tail``) ``rows`` of a shard of n rows."""
+    return slice(n - rows, n) if side == "tail" else slice(0, rows)
+
+
+def _exchange(sends: list, receives: list, group):
+    """Post point-to-point transfers: sends [(tensor, peer)], receives [(buffer, peer)]."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), _peer(group, p), group) for t, p in sends]
+    ops += [dist.P2POp(dist.irecv, b, _peer(group, p), group) for b, p in receives]
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _wait(reqs) -> None:
+    for r in reqs:
+        r.wait()
+
+
+class _SequenceParallelAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, left, right, global_tokens, scale, group, ring):
+        rank, world, n = dist.get_rank(group), dist.get_world_size(group), q.shape[1]
+        out, lse = empty_state(q)
+        kv = torch.stack([k, v])
+        halo = []
+        if not ring:
+            receives, sends = halo_plan(rank, world, n, left, right)
+            bufs = [(torch.empty_like(kv[:, :, :rows]), src) for src, rows in receives]
+            reqs = _exchange([(kv[:, :, _rows(n, rows, side)], dst) for dst, rows, side in sends], bufs, group)
+            if block_visible(rank * n, n, rank * n, n, left, right, 0):  # the interior, while the halo travels
+                merge_(out, lse, *block_attention(q, k, v, rank * n, rank * n, left, right, 0, scale))
+            _wait(reqs)
+            for buf, src in bufs:
+                k0 = src * n + (n - buf.shape[2] if src < rank else 0)
+                merge_(out, lse, *block_attention(q, buf[0], buf[1], rank * n, k0, left, right, 0, scale))
+                halo.append((buf, src, k0))
+        else:
+            current, spare = kv.contiguous(), torch.empty_like(kv)
+            for hop in range(world):
+                nxt = (rank + 1) % world, (rank - 1) % world
+                reqs = _exchange([(current, nxt[0])], [(spare, nxt[1])], group) if hop < world - 1 else []
+                src = (rank - hop) % world
+                if block_visible(rank * n, n, src * n, n, left, right, global_tokens):
+                    merge_(
+                        out, lse, *block_attention(q, *current, rank * n, src * n, left, right, global_tokens, scale)
+                    )
+                _wait(reqs)
+                current, spare = spare, current
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, *(buf for buf, _, _ in halo))
+        ctx.halo = [(src, k0) for _, src, k0 in halo]
+        ctx.args = left, right, global_tokens, scale, group, ring
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *halo_bufs = ctx.saved_tensors
+        left, right, global_tokens, scale, group, ring = ctx.args
+        rank, world, n = dist.get_rank(group), dist.get_world_size(group), q.shape[1]
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1).transpose(1, 2)
+        if dlse is not None:
+            delta = delta - dlse.to(lse.dtype)
+        delta = delta.contiguous()
+        dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
+        dk = torch.zeros(k.shape, dtype=lse.dtype, device=q.device)
+        dv = torch.zeros(v.shape, dtype=lse.dtype, device=q.device)
+        if not ring:
+            if block_visible(rank * n, n, rank * n, n, left, right, 0):
+                g = block_attention_backward(dout, q, k, v, lse, delta, rank * n, rank * n, left, right, 0, scale)
+                for acc, x in zip((dq, dk, dv), g, strict=True):
+                    acc += x
+            back = []  # the halo's dK/dV, home to their owners
+            for buf, (src, k0) in zip(halo_bufs, ctx.halo, strict=True):
+                gq, gk, gv = block_attention_backward(
+                    dout, q, buf[0], buf[1], lse, delta, rank * n, k0, left, right, 0, scale
+                )
+                dq += gq
+                back.append((torch.stack([gk, gv]), src))
+            _, sends = halo_plan(rank, world, n, left, right)
+            incoming = [(dk.new_empty(2, k.shape[0], rows, *k.shape[2:]), dst, rows, side) for dst, rows, side in sends]
+            _wait(_exchange(back, [(buf, dst) for buf, dst, _, _ in incoming], group))
+            for buf, _, rows, side in incoming:
+                dk[:, _rows(n, rows, side)] += buf[0]
+                dv[:, _rows(n, rows, side)] += buf[1]
+        else:
+            # The query side travels: (q, dO, lse, delta) fixed, dQ accumulating.
+            travel = [x.clone() for x in (q, dout, lse, delta)]  # receive buffers later: never the saved tensors
+            spare = [torch.empty_like(x) for x in travel]
+            dq_travel, dq_spare = dq, torch.empty_like(dq)
+            for hop in range(world):
+                nxt, prv = (rank + 1) % world, (rank - 1) % world
+                reqs = (
+                    _exchange([(x, nxt) for x in travel], [(x, prv) for x in spare], group) if hop < world - 1 else []
+                )
+                src = (rank - hop) % world
+                if block_visible(src * n, n, rank * n, n, left, right, global_tokens):
+                    tq, tdo, tlse, tdelta = travel
+                    gq, gk, gv = block_attention_backward(
+                        tdo, tq, k, v, tlse, tdelta, src * n, rank * n, left, right, global_tokens, scale
+                    )
+                    dq_travel += gq
+                    dk += gk
+                    dv += gv
+                _wait(reqs + _exchange([(dq_travel, nxt)], [(dq_spare, prv)], group))  # dQ follows its queries
+                travel, spare = spare, travel
+                dq_travel, dq_spare = dq_spare, dq_travel
+            dq = dq_travel  # after the last hop, this rank's own dQ is home
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def sliding_window_attention_sp(
@@ -84,55 +190,15 @@ def sliding_window_attention_sp(
     group=None,
 ):
     """Sliding-window (``window`` int or (left, right)) or full (``window=None``)
-    attention of this rank's shard. Returns out (batch, n, q_heads, head_dim) in
-    q's dtype, and lse (batch, q_heads, n) float32/64 natural log if asked."""
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        raise NotImplementedError("sliding_window_attention_sp is forward-only: its backward (issue 4) is not built")
+    attention of this rank's shard; differentiable. Returns out (batch, n,
+    q_heads, head_dim) in q's dtype, and lse (batch, q_heads, n) float32/64
+    natural log if asked."""
     if not (q.dim() == k.dim() == v.dim() == 4) or k.shape != v.shape or q.shape[:2] != k.shape[:2]:
         raise ValueError(f"q, k, v must be (batch, n, heads, head_dim) shards: {q.shape}, {k.shape}, {v.shape}")
     if q.shape[2] % k.shape[2]:
         raise ValueError("q_heads must be a multiple of kv_heads")
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
     n = _shard_len(q, group)
-    seq_len = n * world
-    left, right = window_bounds(window, causal, seq_len)
-    out, lse = empty_state(q)
-    my_rows = rank * n
-    kv = torch.stack([k, v])
-    if global_tokens == 0 and window is not None:
-        reqs, recv = halo_exchange(kv, left, right, group)
-        if block_visible(my_rows, n, my_rows, n, left, right, 0):  # the interior, while the halo travels
-            merge_(out, lse, *block_attention(q, k, v, my_rows, my_rows, left, right, 0, scale))
-        for r in reqs:
-            r.wait()
-        for src, buf in sorted(recv.items()):
-            k0 = src * n + (n - buf.shape[2] if src < rank else 0)
-            merge_(out, lse, *block_attention(q, buf[0], buf[1], my_rows, k0, left, right, 0, scale))
-    else:
-        _ring(q, kv, out, lse, left, right, global_tokens, scale, group)
-    out = out.to(q.dtype)
+    left, right = window_bounds(window, causal, n * dist.get_world_size(group))
+    ring = global_tokens > 0 or window is None
+    out, lse = _SequenceParallelAttention.apply(q, k, v, left, right, global_tokens, scale, group, ring)
     return (out, lse) if return_lse else out
-
-
-def _ring(q, kv, out, lse, left, right, global_tokens, scale, group):
-    """K/V go around the ring; hop t computes the block that started on rank - t."""
-    rank, world, n = dist.get_rank(group), dist.get_world_size(group), q.shape[1]
-    current, spare = kv.contiguous(), torch.empty_like(kv)
-    for hop in range(world):
-        reqs = []
-        if hop < world - 1:  # post the next hop before computing this one
-            ops = [
-                dist.P2POp(dist.isend, current, _peer(group, (rank + 1) % world), group),
-                dist.P2POp(dist.irecv, spare, _peer(group, (rank - 1) % world), group),
-            ]
-            reqs = dist.batch_isend_irecv(ops)
-        src = (rank - hop) % world
-        if block_visible(rank * n, n, src * n, n, left, right, global_tokens):
-            merge_(
-                out,
-                lse,
-                *block_attention(q, current[0], current[1], rank * n, src * n, left, right, global_tokens, scale),
-            )
-        for r in reqs:
-            r.wait()
-        current, spare = spare, current

@@ -105,6 +105,45 @@ def block_attention(
     return out, lse
 
 
+def block_attention_backward(
+    dout, q, k, v, lse, delta, q_offset: int, k_offset: int, left: int, right: int, global_tokens: int = 0, scale=None
+):
+    """Gradients of one block of the blocked attention: (dq, dk, dv), float32
+    (float64 for float64 inputs). ``lse`` (batch, q_heads, q_len) is the merged
+    log-sum-exp of the queries ``q`` over all key blocks, ``delta`` =
+    rowsum(dout * out) - dlse with their merged output; k, v the key block at
+    ``k_offset``. Summing over the key blocks gives the gradient of the whole
+    attention (the FlashAttention-2 backward, blocked); dk, dv are summed over
+    each GQA group."""
+    b, sq, hq, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    touches_global = q_offset < global_tokens or k_offset < global_tokens
+    if q.is_cuda and q.dtype in swattn.DTYPES and d in swattn.HEAD_DIMS and not touches_global and scale is None:
+        import backward  # compiles on first use
+
+        shift, span = q_offset - k_offset, sq + sk
+        lo, hi = max(min(left - shift, span), -span), max(min(right + shift, span), -span)
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        return backward.attention_backward(
+            dout, q, k, v, None, lse.float(), lo, hi, sk, 1, hk, true_q_len=sq, delta=delta
+        )
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    group = hq // hk
+    qt, dot = q.to(work).transpose(1, 2), dout.to(work).transpose(1, 2)
+    kt = k.to(work).transpose(1, 2).repeat_interleave(group, dim=1)
+    vt = v.to(work).transpose(1, 2).repeat_interleave(group, dim=1)
+    mask = block_mask(q_offset, sq, k_offset, sk, left, right, global_tokens, device=q.device)
+    lse = lse.to(work)
+    ref = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(((qt @ kt.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")) - ref[..., None])
+    ds = p * (dot @ vt.transpose(-1, -2) - delta.to(work)[..., None]) * scale
+    dq = (ds @ kt).transpose(1, 2)
+    dk = (ds.transpose(-1, -2) @ qt).view(b, hk, group, sk, d).sum(2).transpose(1, 2)
+    dv = (p.transpose(-1, -2) @ dot).view(b, hk, group, sk, d).sum(2).transpose(1, 2)
+    return dq, dk, dv
+
+
 def empty_state(q: torch.Tensor):
     """(out, lse) before any key block, for q (batch, seq, heads, dim): zeros and -inf,
     float32 (float64 for float64 q)."""

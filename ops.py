@@ -122,9 +122,10 @@ def attention_bwd(
 def _cuda_backward(dout, delta_shift, q, k, v, out, lse, left, right, true_seq_len, dilation, kv_heads_per_class):
     import backward  # the backward kernels compile only when a backward runs
 
-    return backward.attention_backward(
+    grads = backward.attention_backward(
         dout, q, k, v, out, lse, left, right, true_seq_len, dilation, kv_heads_per_class, delta_shift
     )
+    return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
 
 
 @attention_bwd.register_fake

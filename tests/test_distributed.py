@@ -1,5 +1,6 @@
 """Sequence-parallel attention (distributed.py) on 2, 3 and 4 gloo ranks (CPU)
-against the single-process reference; on two GPUs with NCCL when present.
+against the single-process reference, output, lse and gradients; on two GPUs
+with NCCL when present.
 
 Window: query i sees key j iff -left <= j - i <= right, or either is below
 global_tokens (reference.local_mask). Each spawn runs the whole grid of cases
@@ -64,24 +65,34 @@ def worker(rank: int, world: int, port: int, backend: str):
             gen = torch.Generator().manual_seed(n)
             q = torch.randn(2, seq_len, hq, head_dim, generator=gen, dtype=torch.float64)
             k, v = (torch.randn(2, seq_len, hk, head_dim, generator=gen, dtype=torch.float64) for _ in range(2))
+            g_out, g_lse = (
+                torch.randn(q.shape, generator=gen, dtype=torch.float64),
+                torch.randn(2, hq, seq_len, generator=gen, dtype=torch.float64),
+            )
             mine = slice(rank * shard, (rank + 1) * shard)
+            shards = [x[:, mine].to(device, dtype).requires_grad_() for x in (q, k, v)]
             out, lse = distributed.sliding_window_attention_sp(
-                *(x[:, mine].to(device, dtype) for x in (q, k, v)),
-                window,
-                causal=causal,
-                global_tokens=g,
-                return_lse=True,
+                *shards, window, causal=causal, global_tokens=g, return_lse=True
             )
+            loss = (out.double() * g_out[:, mine].to(device)).sum() + (
+                lse.double() * g_lse[:, :, mine].to(device)
+            ).sum()
+            grads = torch.autograd.grad(loss, shards)
+
             left, right = window_bounds(window, causal, seq_len)
+            full = [x.clone().requires_grad_() for x in (q, k, v)]
             want, want_lse = ref.attention_ref(
-                q, k, v, ref.local_mask(seq_len, left, right, global_tokens=g), return_lse=True
+                *full, ref.local_mask(seq_len, left, right, global_tokens=g), return_lse=True
             )
-            err = ref.rel_err(out.cpu(), want[:, mine])
-            lse_err = (lse.cpu().double() - want_lse[:, :, mine]).abs().max().item()
-            bound, lse_bound = (1e-2, 1e-2) if backend == "nccl" else (1e-12, 1e-10)
-            assert err < bound and lse_err < lse_bound, (
-                f"rank {rank}/{world} case {CASES[n]}: err {err:.1e}, lse {lse_err:.1e}"
-            )
+            want_grads = torch.autograd.grad((want * g_out).sum() + (want_lse * g_lse).sum(), full)
+            bound, lse_bound = (2e-2, 1e-2) if backend == "nccl" else (1e-12, 1e-10)
+            where = f"rank {rank}/{world} case {CASES[n]}"
+            assert ref.rel_err(out.cpu(), want[:, mine]) < bound, where
+            assert (lse.cpu().double() - want_lse[:, :, mine]).abs().max().item() < lse_bound, where
+            for name, got, w in zip("qkv", grads, want_grads, strict=True):
+                assert ref.rel_err(got.cpu(), w[:, mine]) < bound, (
+                    f"{where}: d{name} err {ref.rel_err(got.cpu(), w[:, mine]):.1e}"
+                )
         # uneven shards are refused on every rank
         x = torch.zeros(1, shard + (rank == 0), 2, head_dim, device=device, dtype=dtype)
         try:
@@ -103,11 +114,3 @@ def test_gloo_ranks_match_single_process_reference(world):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_nccl_two_gpus_match_reference():
     mp.spawn(worker, args=(2, free_port(), "nccl"), nprocs=2, join=True)
-
-
-def test_backward_is_refused_clearly():
-    import distributed
-
-    x = torch.zeros(1, 4, 1, 8, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="forward-only"):
-        distributed.sliding_window_attention_sp(x, x, x, 2)
