@@ -1,9 +1,9 @@
 """Backward pass of sliding-window attention in TileLang (FlashAttention-2 structure).
 
 Window: the repository's one definition (swattn.py): local query i sees key j
-iff -left <= j - i <= right (and both exist), over the head classes of a
-dilation (swattn.to_classes), with GQA. Global tokens and adaptive windows
-have no backward yet (ops.py refuses them with a clear error).
+iff -left <= j - i <= right or either is below ``n_global`` (and both exist),
+over the head classes of a dilation (swattn.to_classes), with GQA. Adaptive
+windows have no backward yet (swattn refuses them with a clear error).
 
 Three steps, no O(N^2) buffer anywhere:
   1. ``make_preprocess``: delta_i = rowsum(dO_i * O_i), float32 (batch, heads, seq).
@@ -98,6 +98,7 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
         dV: T.Tensor((batch, kv_len, kv_heads, head_dim), accum),
         left: T.int32,
         right: T.int32,
+        n_global: T.int32,
         kv_heads_per_class: T.int32,
         true_q_len: T.int32,
         true_seq_len: T.int32,
@@ -121,9 +122,11 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
             k_valid = swattn.class_len(true_seq_len, kvh // kv_heads_per_class, dilation)
             q_valid = swattn.class_len(true_q_len, kvh // kv_heads_per_class, dilation)
             # The query tiles whose rows see a key of this tile: the forward's
-            # schedule seen from the key side (left and right swap, so do the tiles).
-            _, lo, hi = swattn.key_tile_schedule(bx, q_valid, right, left, 0, block_n, block_m, T.max, T.min)
-            n_q = hi - lo
+            # schedule seen from the key side (left and right swap, so do the
+            # tiles): a tile holding a global key is seen by every query; the
+            # global queries (which see every key) come first, then the window's.
+            n_g, lo, hi = swattn.key_tile_schedule(bx, q_valid, right, left, n_global, block_n, block_m, T.max, T.min)
+            n_q = n_g + hi - lo
 
             T.copy(K[b, bx * block_n : (bx + 1) * block_n, kvh, :], k_s)
             T.copy(V[b, bx * block_n : (bx + 1) * block_n, kvh, :], v_s)
@@ -131,7 +134,7 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
             T.fill(dv, 0)
             for it in T.Pipelined(group * n_q, num_stages=num_stages):
                 qh = kvh * group + it // n_q
-                qt = lo + it % n_q
+                qt = swattn.tile_of(it % n_q, n_g, lo)
                 T.copy(Q[b, qt * block_m : (qt + 1) * block_m, qh, :], q_s)
                 T.copy(dO[b, qt * block_m : (qt + 1) * block_m, qh, :], do_s)
                 T.fill(st, 0)
@@ -139,7 +142,8 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
                 for j, i in T.Parallel(block_n, block_m):
                     kj = bx * block_n + j
                     qi = qt * block_m + i
-                    seen = tir.all(kj < k_valid, qi < q_valid, kj >= qi - left, kj <= qi + right)
+                    in_window = tir.all(kj >= qi - left, kj <= qi + right)
+                    seen = tir.all(kj < k_valid, qi < q_valid, tir.any(in_window, kj < n_global, qi < n_global))
                     # Masked and out-of-range pairs are 0 by selection, never by
                     # multiplying: rows past the end may hold anything.
                     lse = T.if_then_else(qi < seq_len, LSE[b, qh, qi], 0)
@@ -197,6 +201,7 @@ def attention_backward(
     dlse=None,
     true_q_len: int | None = None,
     delta=None,
+    n_global: int = 0,
 ):
     """(dq, dk, dv), float32, for tensors in the kernel's layout (head classes
     already formed: swattn.to_classes); lse natural log from the forward. ``dlse``,

@@ -5,8 +5,8 @@ the op as opaque (no graph break, no silent fallback).
 Both ops work on the kernel's layout: (batch, seq, heads, head_dim) with the
 head classes of a dilation already formed (swattn.to_classes, a view the
 autograd of PyTorch differentiates). Window: local query i sees key j iff
--left <= j - i <= right and both exist in their head class
-(``swattn.class_len(true_seq_len, class, dilation)``).
+-left <= j - i <= right or either is below ``n_global``, and both exist in
+their head class (``swattn.class_len(true_seq_len, class, dilation)``).
 
 CUDA runs the TileLang kernels (swattn.py forward, backward.py backward). CPU
 runs the same algorithm eagerly (P recomputed from the saved log-sum-exp,
@@ -24,12 +24,20 @@ import swattn
 
 
 def _class_masks(
-    s: int, heads: int, left: int, right: int, true_seq_len: int, dilation: int, heads_per_class: int, device
+    s: int,
+    heads: int,
+    left: int,
+    right: int,
+    n_global: int,
+    true_seq_len: int,
+    dilation: int,
+    heads_per_class: int,
+    device,
 ):
-    """(heads, s, s) boolean: the window inside each head's class, padding hidden."""
+    """(heads, s, s) boolean: the window (or a global token) inside each head's class, padding hidden."""
     i = torch.arange(s, device=device)
     offset = i[None, :] - i[:, None]
-    local = (offset >= -left) & (offset <= right)
+    local = ((offset >= -left) & (offset <= right)) | (i[:, None] < n_global) | (i[None, :] < n_global)
     valid = torch.tensor(
         [swattn.class_len(true_seq_len, h // heads_per_class, dilation) for h in range(heads)], device=device
     )
@@ -37,14 +45,14 @@ def _class_masks(
     return local[None] & exists[:, :, None] & exists[:, None, :]
 
 
-def _eager_scores(q, k, left, right, true_seq_len, dilation, heads_per_class):
+def _eager_scores(q, k, left, right, n_global, true_seq_len, dilation, heads_per_class):
     """Masked, scaled scores (batch, q_heads, s, s) in float32 and K/V's head group size."""
     b, s, hq, d = q.shape
     group = hq // k.shape[2]
     qt = q.float().transpose(1, 2)
     kt = k.float().transpose(1, 2).repeat_interleave(group, dim=1)
     scores = (qt @ kt.transpose(-1, -2)) / math.sqrt(d)
-    mask = _class_masks(s, hq, left, right, true_seq_len, dilation, heads_per_class, q.device)
+    mask = _class_masks(s, hq, left, right, n_global, true_seq_len, dilation, heads_per_class, q.device)
     return scores.masked_fill(~mask, float("-inf")), group
 
 
@@ -55,6 +63,7 @@ def attention_fwd(
     v: torch.Tensor,
     left: int,
     right: int,
+    n_global: int,
     true_seq_len: int,
     dilation: int,
     heads_per_class: int,
@@ -65,12 +74,13 @@ def attention_fwd(
     if q.is_cuda:
         out = torch.empty_like(q)
         lse = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
-        mode = "general" if dilation > 1 else "window"
+        mode = "general" if dilation > 1 or n_global > 0 else "window"
         win, kt = swattn._placeholders(q.device)
         kernel = swattn.compiled_forward(d, swattn.DTYPES[q.dtype], swattn.cuda_arch(q.device), None, mode)
-        kernel(q, k, v, out, lse, win, kt, left, right, 0, heads_per_class, kv_heads_per_class, true_seq_len, dilation)
+        args = (left, right, n_global, heads_per_class, kv_heads_per_class, true_seq_len, dilation)
+        kernel(q, k, v, out, lse, win, kt, *args)
         return out, lse
-    scores, group = _eager_scores(q, k, left, right, true_seq_len, dilation, heads_per_class)
+    scores, group = _eager_scores(q, k, left, right, n_global, true_seq_len, dilation, heads_per_class)
     lse = torch.logsumexp(scores, dim=-1)
     p = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None])
     out = (p @ v.float().transpose(1, 2).repeat_interleave(group, dim=1)).transpose(1, 2)
@@ -78,7 +88,7 @@ def attention_fwd(
 
 
 @attention_fwd.register_fake
-def _(q, k, v, left, right, true_seq_len, dilation, heads_per_class, kv_heads_per_class):
+def _(q, k, v, left, right, n_global, true_seq_len, dilation, heads_per_class, kv_heads_per_class):
     b, s, hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, hq, s), dtype=torch.float32)
 
@@ -94,6 +104,7 @@ def attention_bwd(
     lse: torch.Tensor,
     left: int,
     right: int,
+    n_global: int,
     true_seq_len: int,
     dilation: int,
     heads_per_class: int,
@@ -105,7 +116,7 @@ def attention_bwd(
         return _cuda_backward(
             dout, delta_shift, q, k, v, out, lse, left, right, true_seq_len, dilation, kv_heads_per_class
         )
-    scores, group = _eager_scores(q, k, left, right, true_seq_len, dilation, heads_per_class)
+    scores, group = _eager_scores(q, k, left, right, n_global, true_seq_len, dilation, heads_per_class)
     p = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None])  # (b, hq, s, s)
     do = dout.float().transpose(1, 2)
     vt = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
@@ -119,21 +130,38 @@ def attention_bwd(
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
-def _cuda_backward(dout, delta_shift, q, k, v, out, lse, left, right, true_seq_len, dilation, kv_heads_per_class):
+def _cuda_backward(
+    dout, delta_shift, q, k, v, out, lse, left, right, n_global, true_seq_len, dilation, kv_heads_per_class
+):
     import backward  # the backward kernels compile only when a backward runs
 
     grads = backward.attention_backward(
-        dout, q, k, v, out, lse, left, right, true_seq_len, dilation, kv_heads_per_class, delta_shift
+        dout, q, k, v, out, lse, left, right, true_seq_len, dilation, kv_heads_per_class, delta_shift, n_global=n_global
     )
     return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
 
 
 @attention_bwd.register_fake
-def _(dout, delta_shift, q, k, v, out, lse, left, right, true_seq_len, dilation, heads_per_class, kv_heads_per_class):
+def _(
+    dout,
+    delta_shift,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    left,
+    right,
+    n_global,
+    true_seq_len,
+    dilation,
+    heads_per_class,
+    kv_heads_per_class,
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_INTS = ("left", "right", "true_seq_len", "dilation", "heads_per_class", "kv_heads_per_class")
+_INTS = ("left", "right", "n_global", "true_seq_len", "dilation", "heads_per_class", "kv_heads_per_class")
 
 
 def _setup_context(ctx, inputs, output):
@@ -154,12 +182,14 @@ def _backward(ctx, dout, dlse):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention(q, k, v, left: int, right: int, dilation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def attention(
+    q, k, v, left: int, right: int, dilation: int = 1, global_tokens: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable sliding-window attention for (batch, seq, heads, head_dim)
     tensors (already validated; swattn.sliding_window_attention is the public
     entry): the dilation's head classes around the custom op. Returns (out, lse)."""
     s, hq, hk = q.shape[1], q.shape[2], k.shape[2]
     qv, kv, vv = (swattn.to_classes(x, dilation) for x in (q, k, v))
     sd = qv.shape[1]
-    out, lse = attention_fwd(qv, kv, vv, min(left, sd - 1), min(right, sd - 1), s, dilation, hq, hk)
+    out, lse = attention_fwd(qv, kv, vv, min(left, sd - 1), min(right, sd - 1), global_tokens, s, dilation, hq, hk)
     return swattn.from_classes(out, lse, s, dilation)

@@ -482,13 +482,13 @@ def sliding_window_attention(
     if scale is not None:  # the kernel applies 1/sqrt(d): fold the ratio into q
         q = q * (scale * math.sqrt(d))
     q, k, v = (x.contiguous() for x in (q, k, v))  # a no-op for contiguous inputs
-    if not adaptive and global_tokens == 0:  # the differentiable path (ops.py: custom ops + autograd)
+    if not adaptive:  # the differentiable path (ops.py: custom ops + autograd)
         import ops
 
-        out, lse = ops.attention(q, k, v, left, right, dilation)
+        out, lse = ops.attention(q, k, v, left, right, dilation, global_tokens)
     else:
         if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-            raise NotImplementedError("global tokens and adaptive windows have no backward pass yet (forward only)")
+            raise NotImplementedError("adaptive windows have no backward pass yet (forward only)")
         out, lse = _forward_any(q, k, v, left, right, dilation, global_tokens, row_windows if adaptive else None)
     if layout == "bhsd":
         out = out.transpose(1, 2)
@@ -496,7 +496,7 @@ def sliding_window_attention(
 
 
 def _forward_any(q, k, v, left, right, dilation, global_tokens, row_windows):
-    """The forward kernel in any mode, without autograd: global tokens, adaptive windows."""
+    """The forward kernel in any mode, without autograd: the adaptive windows' path."""
     b, s, hq, d = q.shape
     hk = k.shape[2]
     qv, kv, vv = (to_classes(x, dilation) for x in (q, k, v))

@@ -35,21 +35,22 @@ def grads_of(fn, q, k, v, g_out, g_lse):
     return out, lse, dq, dk, dv
 
 
-# (batch, q_heads, kv_heads, seq, left, right, dilation)
+# (batch, q_heads, kv_heads, seq, left, right, dilation, global_tokens)
 CASES = [
-    (2, 4, 2, 37, 5, 5, 1),
-    (1, 4, 4, 1, 0, 0, 1),
-    (1, 4, 1, 65, 20, 0, 1),
-    (2, 2, 2, 40, 3, 7, 2),
-    (1, 4, 2, 31, 4, 4, 3),
-    (1, 2, 1, 50, 100, 100, 1),
-    (1, 2, 2, 20, 0, 0, 1),
+    (2, 4, 2, 37, 5, 5, 1, 0),
+    (1, 4, 4, 1, 0, 0, 1, 0),
+    (1, 4, 1, 65, 20, 0, 1, 0),
+    (2, 2, 2, 40, 3, 7, 2, 0),
+    (1, 4, 2, 31, 4, 4, 3, 0),
+    (1, 2, 1, 50, 100, 100, 1, 0),
+    (1, 2, 2, 20, 0, 0, 1, 0),
+    (1, 4, 2, 45, 3, 0, 1, 5),
 ]
 
 
-def reference_fn(left, right, dilation):
+def reference_fn(left, right, dilation, global_tokens=0):
     def fn(q, k, v):
-        mask = ref.local_mask(q.shape[1], left, right, dilation)
+        mask = ref.local_mask(q.shape[1], left, right, dilation, global_tokens)
         return ref.attention_ref(q, k, v, mask, return_lse=True)
 
     return fn
@@ -57,11 +58,11 @@ def reference_fn(left, right, dilation):
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_cpu_op_gradients_match_reference(case):
-    b, hq, hk, s, left, right, dil = CASES[case]
+    b, hq, hk, s, left, right, dil, glob = CASES[case]
     q, k, v = leaf(b, s, hq, 16, seed=case), leaf(b, s, hk, 16, seed=case + 50), leaf(b, s, hk, 16, seed=case + 99)
     g_out, g_lse = torch.randn(b, s, hq, 16, dtype=torch.float64), torch.randn(b, hq, s, dtype=torch.float64)
-    got = grads_of(lambda *x: ops.attention(*x, left, right, dil), q, k, v, g_out, g_lse)
-    want = grads_of(reference_fn(left, right, dil), q, k, v, g_out, g_lse)
+    got = grads_of(lambda *x: ops.attention(*x, left, right, dil, glob), q, k, v, g_out, g_lse)
+    want = grads_of(reference_fn(left, right, dil, glob), q, k, v, g_out, g_lse)
     for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
         assert ref.rel_err(a, w) < 1e-5, name  # the CPU path computes in float32
 
@@ -82,7 +83,7 @@ def test_opcheck():
         leaf(1, 20, 2, 16, dtype=torch.float32, seed=1),
         leaf(1, 20, 2, 16, dtype=torch.float32, seed=2),
     )
-    torch.library.opcheck(ops.attention_fwd, (q, k, v, 3, 2, 20, 1, 4, 2))
+    torch.library.opcheck(ops.attention_fwd, (q, k, v, 3, 2, 1, 20, 1, 4, 2))
 
 
 def test_torch_compile_sees_one_opaque_op():
@@ -126,13 +127,15 @@ def test_backward_compiles_sm80(head_dim, dtype):
 # --- GPU -------------------------------------------------------------------------------
 
 GPU_CASES = [
-    (2, 4, 2, 1000, 128, 128, 1),
-    (1, 4, 4, 63, 1, 1, 1),
-    (1, 8, 2, 777, 200, 0, 1),
-    (1, 4, 1, 513, 30, 70, 1),
-    (2, 4, 4, 1024, 5000, 5000, 1),
-    (1, 4, 2, 999, 20, 5, 3),
-    (1, 2, 2, 1, 0, 0, 1),
+    (2, 4, 2, 1000, 128, 128, 1, 0),
+    (1, 4, 4, 63, 1, 1, 1, 0),
+    (1, 8, 2, 777, 200, 0, 1, 0),
+    (1, 4, 1, 513, 30, 70, 1, 0),
+    (2, 4, 4, 1024, 5000, 5000, 1, 0),
+    (1, 4, 2, 999, 20, 5, 3, 0),
+    (1, 2, 2, 1, 0, 0, 1, 0),
+    (1, 4, 2, 700, 33, 0, 1, 16),
+    (1, 4, 4, 300, 10, 10, 1, 100),
 ]
 
 
@@ -142,7 +145,7 @@ GPU_CASES = [
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", range(len(GPU_CASES)))
 def test_kernel_gradients_match_reference(case, head_dim, dtype):
-    b, hq, hk, s, left, right, dil = GPU_CASES[case]
+    b, hq, hk, s, left, right, dil, glob = GPU_CASES[case]
     shape_q, shape_kv = (b, s, hq, head_dim), (b, s, hk, head_dim)
     q64, k64, v64 = leaf(*shape_q, seed=case), leaf(*shape_kv, seed=case + 50), leaf(*shape_kv, seed=case + 99)
     q64, k64, v64 = (x.detach().cuda().requires_grad_() for x in (q64, k64, v64))
@@ -152,10 +155,12 @@ def test_kernel_gradients_match_reference(case, head_dim, dtype):
     import swattn
 
     def kernel(q, k, v):
-        return swattn.sliding_window_attention(q, k, v, (left, right), dilation=dil, return_lse=True)
+        return swattn.sliding_window_attention(
+            q, k, v, (left, right), dilation=dil, global_tokens=glob, return_lse=True
+        )
 
-    want = grads_of(reference_fn(left, right, dil), q64, k64, v64, g_out, g_lse)
-    torch_low = grads_of(reference_fn(left, right, dil), q, k, v, g_out.to(dtype), g_lse.float())
+    want = grads_of(reference_fn(left, right, dil, glob), q64, k64, v64, g_out, g_lse)
+    torch_low = grads_of(reference_fn(left, right, dil, glob), q, k, v, g_out.to(dtype), g_lse.float())
     got = grads_of(kernel, q, k, v, g_out.to(dtype), g_lse.float())
     for name, a, lo, w in zip(("out", "lse", "dq", "dk", "dv"), got, torch_low, want, strict=True):
         assert torch.isfinite(a).all() or name == "lse", name
