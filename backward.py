@@ -125,8 +125,11 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
             # schedule seen from the key side (left and right swap, so do the
             # tiles): a tile holding a global key is seen by every query; the
             # global queries (which see every key) come first, then the window's.
-            n_g, lo, hi = swattn.key_tile_schedule(bx, q_valid, right, left, n_global, block_n, block_m, T.max, T.min)
-            n_q = n_g + hi - lo
+            sched = swattn.key_tile_schedule(bx, q_valid, right, left, n_global, block_n, block_m, T.max, T.min)
+            # Held in registers: inlined, these selects would grow every index below.
+            n_g = T.alloc_var("int32", init=sched[0])
+            lo = T.alloc_var("int32", init=sched[1])
+            n_q = T.alloc_var("int32", init=sched[0] + sched[2] - sched[1])
 
             T.copy(K[b, bx * block_n : (bx + 1) * block_n, kvh, :], k_s)
             T.copy(V[b, bx * block_n : (bx + 1) * block_n, kvh, :], v_s)
