@@ -71,17 +71,22 @@ def make_preprocess(head_dim: int, dtype: str):
 
 
 @functools.cache
-def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple | None = None):
+def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple | None = None, adaptive: bool = False):
     """dQ, dK, dV (float32; dQ accumulated atomically) for the window (left, right).
 
     Q and K/V may differ in length (a block of a blocked or distributed
     computation, offsets folded into left and right, which may then be negative);
     ``true_q_len`` and ``true_seq_len`` count the queries and keys that exist
-    before any class padding."""
+    before any class padding. ``adaptive``: every row reads its (left, right)
+    from WIN (heads, seq, 2) and each (kv head, key tile) its query tiles from
+    KT (``swattn.adaptive_key_side_schedule``, merged over the GQA group); the
+    scalars left, right are then unused, as WIN and KT are otherwise."""
     block_m, block_n, threads, num_stages = tile or tile_config(head_dim, arch)
     accum = "float32"
     batch, seq_len, kv_len = T.dynamic("batch"), T.dynamic("seq_len"), T.dynamic("kv_len")
     q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
+    win_heads, win_len = T.dynamic("win_heads"), T.dynamic("win_len")
+    kt_heads, kt_tiles = T.dynamic("kt_heads"), T.dynamic("kt_tiles")
     sm_scale = 1.0 / math.sqrt(head_dim)
     scale_log2 = swattn.LOG2E * sm_scale
 
@@ -96,6 +101,8 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
         dQ: T.Tensor((batch, seq_len, q_heads, head_dim), accum),
         dK: T.Tensor((batch, kv_len, kv_heads, head_dim), accum),
         dV: T.Tensor((batch, kv_len, kv_heads, head_dim), accum),
+        WIN: T.Tensor((win_heads, win_len, 2), "int32"),
+        KT: T.Tensor((kt_heads, kt_tiles, 3), "int32"),
         left: T.int32,
         right: T.int32,
         n_global: T.int32,
@@ -125,7 +132,10 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
             # schedule seen from the key side (left and right swap, so do the
             # tiles): a tile holding a global key is seen by every query; the
             # global queries (which see every key) come first, then the window's.
-            sched = swattn.key_tile_schedule(bx, q_valid, right, left, n_global, block_n, block_m, T.max, T.min)
+            if adaptive:
+                sched = KT[kvh, bx, 0], KT[kvh, bx, 1], KT[kvh, bx, 2]
+            else:
+                sched = swattn.key_tile_schedule(bx, q_valid, right, left, n_global, block_n, block_m, T.max, T.min)
             # Held in registers: inlined, these selects would grow every index below.
             n_g = T.alloc_var("int32", init=sched[0])
             lo = T.alloc_var("int32", init=sched[1])
@@ -145,7 +155,11 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
                 for j, i in T.Parallel(block_n, block_m):
                     kj = bx * block_n + j
                     qi = qt * block_m + i
-                    in_window = tir.all(kj >= qi - left, kj <= qi + right)
+                    if adaptive:
+                        row = T.min(qi, seq_len - 1)
+                        in_window = tir.all(kj >= qi - WIN[qh, row, 0], kj <= qi + WIN[qh, row, 1])
+                    else:
+                        in_window = tir.all(kj >= qi - left, kj <= qi + right)
                     seen = tir.all(kj < k_valid, qi < q_valid, tir.any(in_window, kj < n_global, qi < n_global))
                     # Masked and out-of-range pairs are 0 by selection, never by
                     # multiplying: rows past the end may hold anything.
@@ -181,9 +195,9 @@ def compiled_preprocess(head_dim: int, dtype: str, arch: str):
 
 
 @functools.cache
-def compiled_backward(head_dim: int, dtype: str, arch: str, tile: tuple | None = None):
+def compiled_backward(head_dim: int, dtype: str, arch: str, tile: tuple | None = None, adaptive: bool = False):
     return tilelang.compile(
-        make_backward(head_dim, dtype, arch, tile),
+        make_backward(head_dim, dtype, arch, tile, adaptive),
         target={"kind": "cuda", "arch": arch},
         pass_configs={"tl.enable_fast_math": True},
     )
@@ -205,13 +219,15 @@ def attention_backward(
     true_q_len: int | None = None,
     delta=None,
     n_global: int = 0,
+    row_windows=None,
 ):
     """(dq, dk, dv), float32, for tensors in the kernel's layout (head classes
     already formed: swattn.to_classes); lse natural log from the forward. ``dlse``,
     the gradient of the lse output if it was used, enters as delta - dlse. For a
     block (K/V of another length), ``true_q_len`` is Q's length and out/lse/do
     are the merged (global) ones of these queries; ``delta`` (float32, batch,
-    heads, q_len), if given, replaces rowsum(dO * O) - dlse (then ``out`` is unused)."""
+    heads, q_len), if given, replaces rowsum(dO * O) - dlse (then ``out`` is unused).
+    ``row_windows``: (WIN, KT) of adaptive windows (``ops.adaptive_tables``)."""
     b, s, hq, d = q.shape
     dtype, arch = swattn.DTYPES[q.dtype], swattn.cuda_arch(q.device)
     do = do.contiguous()
@@ -224,9 +240,9 @@ def attention_backward(
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.empty(k.shape, device=q.device, dtype=torch.float32)
     dv = torch.empty(v.shape, device=q.device, dtype=torch.float32)
-    kernel = compiled_backward(d, dtype, arch)
+    kernel = compiled_backward(d, dtype, arch, None, row_windows is not None)
+    win, kt = row_windows if row_windows is not None else swattn._placeholders(q.device)
     q_len = true_seq_len if true_q_len is None else true_q_len
-    kernel(
-        q, k, v, do.to(q.dtype), lse, delta, dq, dk, dv, left, right, kv_heads_per_class, q_len, true_seq_len, dilation
-    )
+    scalars = (left, right, n_global, kv_heads_per_class, q_len, true_seq_len, dilation)
+    kernel(q, k, v, do.to(q.dtype), lse, delta, dq, dk, dv, win, kt, *scalars)
     return dq, dk, dv

@@ -84,7 +84,7 @@ def block_attention(
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     touches_global = q_offset < global_tokens or k_offset < global_tokens
-    if q.is_cuda and q.dtype in swattn.DTYPES and d in swattn.HEAD_DIMS and not touches_global:
+    if swattn.on_gpu(q) and q.dtype in swattn.DTYPES and d in swattn.HEAD_DIMS and not touches_global:
         if scale is not None:
             q = q * (scale * math.sqrt(d))
         delta = q_offset - k_offset  # local j - i = global (j - i) + delta
@@ -118,7 +118,7 @@ def block_attention_backward(
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     touches_global = q_offset < global_tokens or k_offset < global_tokens
-    if q.is_cuda and q.dtype in swattn.DTYPES and d in swattn.HEAD_DIMS and not touches_global and scale is None:
+    if swattn.on_gpu(q) and q.dtype in swattn.DTYPES and d in swattn.HEAD_DIMS and not touches_global and scale is None:
         import backward  # compiles on first use
 
         shift, span = q_offset - k_offset, sq + sk

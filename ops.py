@@ -5,8 +5,9 @@ the op as opaque (no graph break, no silent fallback).
 Both ops work on the kernel's layout: (batch, seq, heads, head_dim) with the
 head classes of a dilation already formed (swattn.to_classes, a view the
 autograd of PyTorch differentiates). Window: local query i sees key j iff
--left <= j - i <= right or either is below ``n_global``, and both exist in
-their head class (``swattn.class_len(true_seq_len, class, dilation)``).
+-left <= j - i <= right (or, with adaptive windows, -win[h, i, 0] <= j - i <=
+win[h, i, 1]) or either is below ``n_global``, and both exist in their head
+class (``swattn.class_len(true_seq_len, class, dilation)``).
 
 CUDA runs the TileLang kernels (swattn.py forward, backward.py backward). CPU
 runs the same algorithm eagerly (P recomputed from the saved log-sum-exp,
@@ -23,36 +24,28 @@ import torch
 import swattn
 
 
-def _class_masks(
-    s: int,
-    heads: int,
-    left: int,
-    right: int,
-    n_global: int,
-    true_seq_len: int,
-    dilation: int,
-    heads_per_class: int,
-    device,
-):
+def _class_masks(s, heads, left, right, win, n_global, true_seq_len, dilation, heads_per_class, device):
     """(heads, s, s) boolean: the window (or a global token) inside each head's class, padding hidden."""
     i = torch.arange(s, device=device)
-    offset = i[None, :] - i[:, None]
-    local = ((offset >= -left) & (offset <= right)) | (i[:, None] < n_global) | (i[None, :] < n_global)
+    offset = (i[None, :] - i[:, None])[None]  # (1, s, s): key - query
+    lo, hi = (-left, right) if win is None else (-win[..., 0, None], win[..., 1, None])  # (heads, s, 1) when adaptive
+    glob = (i[:, None] < n_global) | (i[None, :] < n_global)
+    local = ((offset >= lo) & (offset <= hi)) | glob[None]
     valid = torch.tensor(
         [swattn.class_len(true_seq_len, h // heads_per_class, dilation) for h in range(heads)], device=device
     )
     exists = i[None, :] < valid[:, None]  # (heads, s)
-    return local[None] & exists[:, :, None] & exists[:, None, :]
+    return local & exists[:, :, None] & exists[:, None, :]
 
 
-def _eager_scores(q, k, left, right, n_global, true_seq_len, dilation, heads_per_class):
+def _eager_scores(q, k, left, right, win, n_global, true_seq_len, dilation, heads_per_class):
     """Masked, scaled scores (batch, q_heads, s, s) in float32 and K/V's head group size."""
     b, s, hq, d = q.shape
     group = hq // k.shape[2]
     qt = q.float().transpose(1, 2)
     kt = k.float().transpose(1, 2).repeat_interleave(group, dim=1)
     scores = (qt @ kt.transpose(-1, -2)) / math.sqrt(d)
-    mask = _class_masks(s, hq, left, right, n_global, true_seq_len, dilation, heads_per_class, q.device)
+    mask = _class_masks(s, hq, left, right, win, n_global, true_seq_len, dilation, heads_per_class, q.device)
     return scores.masked_fill(~mask, float("-inf")), group
 
 
@@ -61,6 +54,9 @@ def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    win: torch.Tensor | None,
+    kt_fwd: torch.Tensor | None,
+    kt_bwd: torch.Tensor | None,
     left: int,
     right: int,
     n_global: int,
@@ -69,18 +65,23 @@ def attention_fwd(
     heads_per_class: int,
     kv_heads_per_class: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out in q's dtype, lse (batch, q_heads, seq) float32, natural log)."""
+    """(out in q's dtype, lse (batch, q_heads, seq) float32, natural log).
+
+    win, kt_fwd, kt_bwd: adaptive windows (``adaptive_tables``) or None."""
     b, s, hq, d = q.shape
-    if q.is_cuda:
+    if swattn.on_gpu(q):
         out = torch.empty_like(q)
         lse = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
-        mode = "general" if dilation > 1 or n_global > 0 else "window"
-        win, kt = swattn._placeholders(q.device)
+        if win is not None:
+            mode = "adaptive"
+        else:
+            mode = "general" if dilation > 1 or n_global > 0 else "window"
+            win, kt_fwd = swattn._placeholders(q.device)
         kernel = swattn.compiled_forward(d, swattn.DTYPES[q.dtype], swattn.cuda_arch(q.device), None, mode)
-        args = (left, right, n_global, heads_per_class, kv_heads_per_class, true_seq_len, dilation)
-        kernel(q, k, v, out, lse, win, kt, *args)
+        scalars = (left, right, n_global, heads_per_class, kv_heads_per_class, true_seq_len, dilation)
+        kernel(q, k, v, out, lse, win, kt_fwd, *scalars)
         return out, lse
-    scores, group = _eager_scores(q, k, left, right, n_global, true_seq_len, dilation, heads_per_class)
+    scores, group = _eager_scores(q, k, left, right, win, n_global, true_seq_len, dilation, heads_per_class)
     lse = torch.logsumexp(scores, dim=-1)
     p = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None])
     out = (p @ v.float().transpose(1, 2).repeat_interleave(group, dim=1)).transpose(1, 2)
@@ -88,7 +89,7 @@ def attention_fwd(
 
 
 @attention_fwd.register_fake
-def _(q, k, v, left, right, n_global, true_seq_len, dilation, heads_per_class, kv_heads_per_class):
+def _(q, k, v, win, kt_fwd, kt_bwd, *scalars):
     b, s, hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, hq, s), dtype=torch.float32)
 
@@ -102,6 +103,9 @@ def attention_bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    win: torch.Tensor | None,
+    kt_fwd: torch.Tensor | None,
+    kt_bwd: torch.Tensor | None,
     left: int,
     right: int,
     n_global: int,
@@ -112,11 +116,27 @@ def attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the input dtype. ``delta_shift`` (batch, q_heads, seq) is the
     gradient of the lse output (zeros if unused): it enters as delta - dlse."""
-    if q.is_cuda:
-        return _cuda_backward(
-            dout, delta_shift, q, k, v, out, lse, left, right, true_seq_len, dilation, kv_heads_per_class
+    if swattn.on_gpu(q):
+        import backward  # the backward kernels compile only when a backward runs
+
+        grads = backward.attention_backward(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            left,
+            right,
+            true_seq_len,
+            dilation,
+            kv_heads_per_class,
+            dlse=delta_shift,
+            n_global=n_global,
+            row_windows=None if win is None else (win, kt_bwd),
         )
-    scores, group = _eager_scores(q, k, left, right, n_global, true_seq_len, dilation, heads_per_class)
+        return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
+    scores, group = _eager_scores(q, k, left, right, win, n_global, true_seq_len, dilation, heads_per_class)
     p = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None])  # (b, hq, s, s)
     do = dout.float().transpose(1, 2)
     vt = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
@@ -130,44 +150,19 @@ def attention_bwd(
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
-def _cuda_backward(
-    dout, delta_shift, q, k, v, out, lse, left, right, n_global, true_seq_len, dilation, kv_heads_per_class
-):
-    import backward  # the backward kernels compile only when a backward runs
-
-    grads = backward.attention_backward(
-        dout, q, k, v, out, lse, left, right, true_seq_len, dilation, kv_heads_per_class, delta_shift, n_global=n_global
-    )
-    return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
-
-
 @attention_bwd.register_fake
-def _(
-    dout,
-    delta_shift,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    left,
-    right,
-    n_global,
-    true_seq_len,
-    dilation,
-    heads_per_class,
-    kv_heads_per_class,
-):
+def _(dout, delta_shift, q, k, v, out, lse, win, kt_fwd, kt_bwd, *scalars):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_INTS = ("left", "right", "n_global", "true_seq_len", "dilation", "heads_per_class", "kv_heads_per_class")
+N_FWD_INPUTS = 13  # q, k, v, win, kt_fwd, kt_bwd and seven ints
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *ints = inputs
+    q, k, v, win, kt_fwd, kt_bwd, *ints = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)  # exactly what the backward needs
+    ctx.save_for_backward(q, k, v, out, lse)  # exactly what the backward needs, plus the window tables
+    ctx.tables = win, kt_fwd, kt_bwd
     ctx.ints = ints
 
 
@@ -175,21 +170,57 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()  # any strides in
     shift = torch.zeros_like(lse) if dlse is None else dlse.float()
-    dq, dk, dv = attention_bwd(dout, shift, q, k, v, out, lse, *ctx.ints)
-    return (dq, dk, dv) + (None,) * len(_INTS)
+    dq, dk, dv = attention_bwd(dout, shift, q, k, v, out, lse, *ctx.tables, *ctx.ints)
+    return (dq, dk, dv) + (None,) * (N_FWD_INPUTS - 3)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def adaptive_tables(
+    row_windows, dilation: int, q_heads: int, kv_heads: int, seq_len: int, global_tokens: int, head_dim: int, arch: str
+):
+    """(win, kt_fwd, kt_bwd) for per-row windows (left, right) each (q_heads, seq):
+    the windows in the head-class layout (classes, seq / d, 2), the forward's key
+    tiles per (head, query tile) and the backward's query tiles per (kv head, key
+    tile), merged over each GQA group (a union of ranges; heads with none skipped)."""
+    import backward
+
+    win = torch.stack([swattn.rows_to_classes(w, dilation) for w in row_windows], -1).contiguous()
+    device = win.device  # the same stack as the eager path's in ``attention``
+    valid = swattn.class_len(seq_len, torch.arange(dilation * q_heads, device=device) // q_heads, dilation)
+    block_m, block_n = swattn.tile_config(head_dim, arch)[:2]
+    kt_fwd = swattn.adaptive_schedule(win[..., 0], win[..., 1], valid, global_tokens, block_m, block_n)
+    bm, bn = backward.tile_config(head_dim, arch)[:2]
+    per_head = swattn.adaptive_key_side_schedule(win[..., 0], win[..., 1], valid, global_tokens, bm, bn).long()
+    group = q_heads // kv_heads
+    per_head = per_head.view(dilation * kv_heads, group, per_head.shape[1], 3)
+    n_g, lo, hi = per_head.unbind(-1)
+    some = hi > lo
+    big = 1 << 40
+    lo_u = torch.where(some, lo, big).amin(1)
+    hi_u = torch.where(some, hi, -big).amax(1)
+    empty = hi_u < lo_u
+    lo_u, hi_u = torch.where(empty, n_g[:, 0], lo_u), torch.where(empty, n_g[:, 0], hi_u)
+    kt_bwd = torch.stack([n_g[:, 0], lo_u, hi_u], -1).int().contiguous()
+    return win, kt_fwd.contiguous(), kt_bwd
+
+
 def attention(
-    q, k, v, left: int, right: int, dilation: int = 1, global_tokens: int = 0
+    q, k, v, left: int, right: int, dilation: int = 1, global_tokens: int = 0, row_windows=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable sliding-window attention for (batch, seq, heads, head_dim)
     tensors (already validated; swattn.sliding_window_attention is the public
-    entry): the dilation's head classes around the custom op. Returns (out, lse)."""
-    s, hq, hk = q.shape[1], q.shape[2], k.shape[2]
+    entry): the dilation's head classes around the custom op. ``row_windows``:
+    adaptive windows (left, right), each int (q_heads, seq). Returns (out, lse)."""
+    s, hq, hk, d = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
     qv, kv, vv = (swattn.to_classes(x, dilation) for x in (q, k, v))
     sd = qv.shape[1]
-    out, lse = attention_fwd(qv, kv, vv, min(left, sd - 1), min(right, sd - 1), global_tokens, s, dilation, hq, hk)
+    tables = (None, None, None)
+    if row_windows is not None and swattn.on_gpu(q):
+        tables = adaptive_tables(row_windows, dilation, hq, hk, s, global_tokens, d, swattn.cuda_arch(q.device))
+    elif row_windows is not None:  # the eager path needs only the windows, no tile schedules
+        tables = (torch.stack([swattn.rows_to_classes(w, dilation) for w in row_windows], -1), None, None)
+    scalars = (min(left, sd - 1), min(right, sd - 1), global_tokens, s, dilation, hq, hk)
+    out, lse = attention_fwd(qv, kv, vv, *tables, *scalars)
     return swattn.from_classes(out, lse, s, dilation)

@@ -266,6 +266,11 @@ def tile_of(it, n_global_tiles, lo):
     return T.if_then_else(it < n_global_tiles, it, lo + it - n_global_tiles)
 
 
+def on_gpu(x: torch.Tensor) -> bool:
+    """Whether the kernels run for ``x`` (the seam the CPU tests of the launch paths patch)."""
+    return x.is_cuda
+
+
 def cuda_arch(device) -> str:
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm_{major}{minor}{'a' if major == 9 else ''}"
@@ -344,6 +349,50 @@ def _tmin(a, b):
     return torch.minimum(a, b) if isinstance(b, torch.Tensor) else a.clamp(max=b)
 
 
+def _row_spans(left, right, valid, block_m: int):
+    """Per (head, query tile of block_m rows): the first and last key its real rows see."""
+    heads, seq = left.shape
+    n_qt = -(-seq // block_m)
+    pad = n_qt * block_m - seq
+    i = torch.arange(n_qt * block_m, device=left.device)
+    real = i[None, :] < valid[:, None]  # rows past a class's length are padding
+    big = 1 << 40
+    first = torch.where(real, i - F.pad(left.long(), (0, pad)), big).view(heads, n_qt, block_m).amin(-1)
+    last = torch.where(real, i + F.pad(right.long(), (0, pad)), -big).view(heads, n_qt, block_m).amax(-1)
+    return first, last
+
+
+def adaptive_key_side_schedule(left, right, valid, n_global: int, block_m: int, block_n: int) -> torch.Tensor:
+    """For the backward of per-row windows: the query tiles (of block_m rows) each
+    (head, key tile of block_n keys) must visit, (heads, key_tiles, 3) int32 of
+    (n_global_tiles, lo, hi) as in ``key_tile_schedule``: the global query tiles
+    first, then [lo, hi). A superset (the kernel masks each pair): [lo, hi) runs
+    from the first tile whose rows reach past the key tile's start to the last
+    whose rows reach before its end, via running max / min of the tiles' spans."""
+    heads, seq = left.shape
+    first, last = _row_spans(left, right, valid, block_m)
+    reach_right = torch.cummax(last, dim=1).values  # non-decreasing in the tile index
+    reach_left = torch.flip(torch.cummin(torch.flip(first, [1]), dim=1).values, [1])  # non-decreasing too
+    n_kt = -(-seq // block_n)
+    k0 = torch.arange(n_kt, device=left.device) * block_n
+    k_last = k0 + block_n - 1
+    lo = torch.searchsorted(reach_right.contiguous(), k0.expand(heads, n_kt).contiguous())
+    hi = torch.searchsorted(reach_left.contiguous(), k_last.expand(heads, n_kt).contiguous(), right=True)
+    n_q_tiles = (valid.long() + block_m - 1) // block_m
+    g = -(-n_global // block_m)
+    lo, hi = torch.clamp(lo, min=g), torch.minimum(hi, n_q_tiles[:, None])
+    hi = torch.maximum(hi, lo)
+    global_key = (k0 < n_global).expand(heads, n_kt)
+    return torch.stack(
+        [
+            torch.where(global_key, 0, g),
+            torch.where(global_key, 0, lo),
+            torch.where(global_key, n_q_tiles[:, None].expand(heads, n_kt), hi),
+        ],
+        -1,
+    ).int()
+
+
 def adaptive_schedule(left, right, valid, n_global: int, block_m: int, block_n: int) -> torch.Tensor:
     """Key tiles of every (head, query tile) for per-row windows: (heads, q_tiles, 3)
     int32 of ``key_tile_schedule``'s (n_global_tiles, lo, hi).
@@ -355,12 +404,7 @@ def adaptive_schedule(left, right, valid, n_global: int, block_m: int, block_n: 
     """
     heads, seq = left.shape
     n_qt = -(-seq // block_m)
-    pad = n_qt * block_m - seq
-    i = torch.arange(n_qt * block_m, device=left.device)
-    real = i[None, :] < valid[:, None]  # rows past a class's length are padding
-    big = 1 << 40
-    first = torch.where(real, i - F.pad(left.long(), (0, pad)), big).view(heads, n_qt, block_m).amin(-1)
-    last = torch.where(real, i + F.pad(right.long(), (0, pad)), -big).view(heads, n_qt, block_m).amax(-1)
+    first, last = _row_spans(left, right, valid, block_m)
     r0 = torch.arange(n_qt, device=left.device) * block_m
     n_g, lo, hi = key_tile_schedule(
         torch.arange(n_qt, device=left.device),
@@ -408,7 +452,7 @@ def _check(q, k, v, dilation, global_tokens, scale):
         raise NotImplementedError("dilation together with global tokens is not supported")
     if scale is not None and not (isinstance(scale, float | int) and scale > 0):
         raise ValueError(f"scale must be a positive number, got {scale!r}")
-    if any(x.device.type != "cuda" for x in (q, k, v)) or len({x.device for x in (q, k, v)}) != 1:
+    if not all(on_gpu(x) for x in (q, k, v)) or len({x.device for x in (q, k, v)}) != 1:
         raise ValueError("q, k, v must be on one CUDA device")
 
 
@@ -482,40 +526,12 @@ def sliding_window_attention(
     if scale is not None:  # the kernel applies 1/sqrt(d): fold the ratio into q
         q = q * (scale * math.sqrt(d))
     q, k, v = (x.contiguous() for x in (q, k, v))  # a no-op for contiguous inputs
-    if not adaptive:  # the differentiable path (ops.py: custom ops + autograd)
-        import ops
+    import ops  # the differentiable path: custom ops + autograd (ops.py imports this module)
 
-        out, lse = ops.attention(q, k, v, left, right, dilation, global_tokens)
-    else:
-        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-            raise NotImplementedError("adaptive windows have no backward pass yet (forward only)")
-        out, lse = _forward_any(q, k, v, left, right, dilation, global_tokens, row_windows if adaptive else None)
+    out, lse = ops.attention(q, k, v, left, right, dilation, global_tokens, row_windows if adaptive else None)
     if layout == "bhsd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
-
-
-def _forward_any(q, k, v, left, right, dilation, global_tokens, row_windows):
-    """The forward kernel in any mode, without autograd: the adaptive windows' path."""
-    b, s, hq, d = q.shape
-    hk = k.shape[2]
-    qv, kv, vv = (to_classes(x, dilation) for x in (q, k, v))
-    out = torch.empty_like(qv)
-    sd = qv.shape[1]
-    lse = torch.empty(b, qv.shape[2], sd, device=q.device, dtype=torch.float32)
-    arch = cuda_arch(q.device)
-    if row_windows is not None:
-        mode = "adaptive"
-        win = torch.stack([rows_to_classes(w, dilation) for w in row_windows], -1).contiguous()
-        valid = class_len(s, torch.arange(dilation * hq, device=q.device) // hq, dilation)
-        block_m, block_n = tile_config(d, arch)[:2]
-        kt = adaptive_schedule(win[..., 0], win[..., 1], valid, global_tokens, block_m, block_n)
-    else:
-        mode = "general" if dilation > 1 or global_tokens > 0 else "window"
-        win, kt = _placeholders(q.device)
-    kernel = compiled_forward(d, DTYPES[q.dtype], arch, None, mode)
-    kernel(qv, kv, vv, out, lse, win, kt, min(left, sd - 1), min(right, sd - 1), global_tokens, hq, hk, s, dilation)
-    return from_classes(out, lse, s, dilation)
 
 
 def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int):
@@ -527,7 +543,7 @@ def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int
     log); a row that sees no key gets out 0 and lse -inf. CUDA only; the
     default softmax scale (scale q beforehand for another)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.device.type != "cuda":
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not on_gpu(x):
             raise ValueError(f"{name} must be a 4-D CUDA tensor (batch, seq, heads, head_dim)")
     if q.dtype not in DTYPES or not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must all be float16 or all bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")

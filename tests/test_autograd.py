@@ -67,6 +67,21 @@ def test_cpu_op_gradients_match_reference(case):
         assert ref.rel_err(a, w) < 1e-5, name  # the CPU path computes in float32
 
 
+@pytest.mark.parametrize("dilation,glob", [(1, 0), (2, 0), (1, 4)])
+def test_cpu_op_adaptive_window_gradients(dilation, glob):
+    """Per-(head, query) windows: the op's gradients against the reference's autograd."""
+    g = torch.Generator().manual_seed(dilation + glob)
+    s, hq, hk = 33, 4, 2
+    left, right = torch.randint(0, 9, (hq, s), generator=g), torch.randint(0, 5, (hq, s), generator=g)
+    q, k, v = leaf(1, s, hq, 16, seed=1), leaf(1, s, hk, 16, seed=2), leaf(1, s, hk, 16, seed=3)
+    g_out, g_lse = torch.randn(1, s, hq, 16, dtype=torch.float64), torch.randn(1, hq, s, dtype=torch.float64)
+    got = grads_of(lambda *x: ops.attention(*x, 0, 0, dilation, glob, (left, right)), q, k, v, g_out, g_lse)
+    mask = ref.local_mask(s, left, right, dilation, glob)  # (q_heads, s, s)
+    want = grads_of(lambda *x: ref.attention_ref(*x, mask, return_lse=True), q, k, v, g_out, g_lse)
+    for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        assert ref.rel_err(a, w) < 1e-5, name
+
+
 def test_cpu_op_takes_non_contiguous_grad_output():
     q, k, v = leaf(1, 24, 2, 16, seed=1), leaf(1, 24, 2, 16, seed=2), leaf(1, 24, 2, 16, seed=3)
     out, _ = ops.attention(q, k, v, 4, 4)
@@ -83,7 +98,7 @@ def test_opcheck():
         leaf(1, 20, 2, 16, dtype=torch.float32, seed=1),
         leaf(1, 20, 2, 16, dtype=torch.float32, seed=2),
     )
-    torch.library.opcheck(ops.attention_fwd, (q, k, v, 3, 2, 1, 20, 1, 4, 2))
+    torch.library.opcheck(ops.attention_fwd, (q, k, v, None, None, None, 3, 2, 1, 20, 1, 4, 2))
 
 
 def test_torch_compile_sees_one_opaque_op():
@@ -107,11 +122,14 @@ def test_torch_compile_sees_one_opaque_op():
 # --- compiles -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("head_dim,dtype", [(64, "float16"), (128, "bfloat16"), (64, "bfloat16"), (128, "float16")])
-def test_backward_compiles_sm90a(head_dim, dtype):
+@pytest.mark.parametrize(
+    "head_dim,dtype,adaptive",
+    [(64, "float16", False), (128, "bfloat16", False), (64, "bfloat16", True), (128, "float16", True)],
+)
+def test_backward_compiles_sm90a(head_dim, dtype, adaptive):
     import backward
 
-    assert "AtomicAdd" in backward.compiled_backward(head_dim, dtype, "sm_90a").get_kernel_source()
+    assert "AtomicAdd" in backward.compiled_backward(head_dim, dtype, "sm_90a", None, adaptive).get_kernel_source()
     assert "preprocess" in backward.compiled_preprocess(head_dim, dtype, "sm_90a").get_kernel_source()
 
 
