@@ -81,8 +81,7 @@ def block_attention(
     float64 inputs), lse (batch, q_heads, q_len) float32/64, natural log; rows
     that see no key of the block get 0 and -inf.
     """
-    b, sq, hq, d = q.shape
-    sk, hk = k.shape[1], k.shape[2]
+    sq, d, sk = q.shape[1], q.shape[3], k.shape[1]
     touches_global = q_offset < global_tokens or k_offset < global_tokens
     if swattn.on_gpu(q) and q.dtype in swattn.DTYPES and d in swattn.HEAD_DIMS and not touches_global:
         if scale is not None:
@@ -90,19 +89,8 @@ def block_attention(
         delta = q_offset - k_offset  # local j - i = global (j - i) + delta
         out, lse = swattn.attention_block(q, k, v, left - delta, right + delta)
         return out.float(), lse
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    group = hq // hk
-    qt = q.to(work).transpose(1, 2)
-    kt = k.to(work).transpose(1, 2).repeat_interleave(group, dim=1)
-    vt = v.to(work).transpose(1, 2).repeat_interleave(group, dim=1)
-    scores = (qt @ kt.transpose(-1, -2)) * scale
     mask = block_mask(q_offset, sq, k_offset, sk, left, right, global_tokens, device=q.device)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    ref = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    out = (torch.exp(scores - ref.unsqueeze(-1)) @ vt).transpose(1, 2)
-    return out, lse
+    return masked_forward(q, k, v, mask, scale)
 
 
 def block_attention_backward(
@@ -127,17 +115,42 @@ def block_attention_backward(
         return backward.attention_backward(
             dout, q, k, v, None, lse.float(), lo, hi, sk, 1, hk, true_q_len=sq, delta=delta
         )
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    group = hq // hk
-    qt, dot = q.to(work).transpose(1, 2), dout.to(work).transpose(1, 2)
-    kt = k.to(work).transpose(1, 2).repeat_interleave(group, dim=1)
-    vt = v.to(work).transpose(1, 2).repeat_interleave(group, dim=1)
     mask = block_mask(q_offset, sq, k_offset, sk, left, right, global_tokens, device=q.device)
+    return masked_backward(dout, q, k, v, lse, delta, mask, scale)
+
+
+def _eager_operands(q, k, v, mask, scale):
+    """Working dtype, transposed q and group-repeated k, v, and the masked scaled scores."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    group = q.shape[2] // k.shape[2]
+    qt = q.to(work).transpose(1, 2)
+    kt, vt = (x.to(work).transpose(1, 2).repeat_interleave(group, dim=1) for x in (k, v))
+    scores = ((qt @ kt.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf"))
+    return work, scale, qt, kt, vt, scores
+
+
+def masked_forward(q, k, v, mask, scale=None):
+    """The eager path of every block and of the op on CPU: (out, lse) of attention
+    under a boolean mask broadcasting to (batch, q_heads, q_len, k_len), float32
+    (float64 for float64 inputs); rows that see nothing get 0 and -inf."""
+    _, _, _, _, vt, scores = _eager_operands(q, k, v, mask, scale)
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None])
+    return (p @ vt).transpose(1, 2), lse
+
+
+def masked_backward(dout, q, k, v, lse, delta, mask, scale=None):
+    """(dq, dk, dv) of ``masked_forward`` given the (merged) lse and delta =
+    rowsum(dout * out) - dlse: P recomputed from lse, dS = P (dP - delta) scale;
+    dk, dv summed over each GQA group."""
+    work, scale, qt, kt, vt, scores = _eager_operands(q, k, v, mask, scale)
+    b, sk, hk, d = k.shape
     lse = lse.to(work)
-    ref = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    p = torch.exp(((qt @ kt.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")) - ref[..., None])
+    p = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None])
+    dot = dout.to(work).transpose(1, 2)
     ds = p * (dot @ vt.transpose(-1, -2) - delta.to(work)[..., None]) * scale
+    group = q.shape[2] // hk
     dq = (ds @ kt).transpose(1, 2)
     dk = (ds.transpose(-1, -2) @ qt).view(b, hk, group, sk, d).sum(2).transpose(1, 2)
     dv = (p.transpose(-1, -2) @ dot).view(b, hk, group, sk, d).sum(2).transpose(1, 2)

@@ -17,10 +17,9 @@ without a GPU and is no reference (reference.py is).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+import online  # the eager path (masked_forward / masked_backward), shared with the blocks
 import swattn
 
 
@@ -36,17 +35,6 @@ def _class_masks(s, heads, left, right, win, n_global, true_seq_len, dilation, h
     )
     exists = i[None, :] < valid[:, None]  # (heads, s)
     return local & exists[:, :, None] & exists[:, None, :]
-
-
-def _eager_scores(q, k, left, right, win, n_global, true_seq_len, dilation, heads_per_class):
-    """Masked, scaled scores (batch, q_heads, s, s) in float32 and K/V's head group size."""
-    b, s, hq, d = q.shape
-    group = hq // k.shape[2]
-    qt = q.float().transpose(1, 2)
-    kt = k.float().transpose(1, 2).repeat_interleave(group, dim=1)
-    scores = (qt @ kt.transpose(-1, -2)) / math.sqrt(d)
-    mask = _class_masks(s, hq, left, right, win, n_global, true_seq_len, dilation, heads_per_class, q.device)
-    return scores.masked_fill(~mask, float("-inf")), group
 
 
 @torch.library.custom_op("swattn::attention_fwd", mutates_args=())
@@ -81,11 +69,9 @@ def attention_fwd(
         scalars = (left, right, n_global, heads_per_class, kv_heads_per_class, true_seq_len, dilation)
         kernel(q, k, v, out, lse, win, kt_fwd, *scalars)
         return out, lse
-    scores, group = _eager_scores(q, k, left, right, win, n_global, true_seq_len, dilation, heads_per_class)
-    lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None])
-    out = (p @ v.float().transpose(1, 2).repeat_interleave(group, dim=1)).transpose(1, 2)
-    return out.to(q.dtype).contiguous(), lse
+    mask = _class_masks(s, hq, left, right, win, n_global, true_seq_len, dilation, heads_per_class, q.device)
+    out, lse = online.masked_forward(q, k, v, mask)
+    return out.to(q.dtype).contiguous(), lse.float()
 
 
 @attention_fwd.register_fake
@@ -136,17 +122,10 @@ def attention_bwd(
             row_windows=None if win is None else (win, kt_bwd),
         )
         return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
-    scores, group = _eager_scores(q, k, left, right, win, n_global, true_seq_len, dilation, heads_per_class)
-    p = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None])  # (b, hq, s, s)
-    do = dout.float().transpose(1, 2)
-    vt = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
-    kt = k.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    s = q.shape[1]
+    mask = _class_masks(s, q.shape[2], left, right, win, n_global, true_seq_len, dilation, heads_per_class, q.device)
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2) - delta_shift
-    ds = p * (do @ vt.transpose(-1, -2) - delta[..., None]) / math.sqrt(q.shape[-1])
-    dq = (ds @ kt).transpose(1, 2)
-    b, s, hk, d = k.shape
-    dk = (ds.transpose(-1, -2) @ q.float().transpose(1, 2)).view(b, hk, group, s, d).sum(2).transpose(1, 2)
-    dv = (p.transpose(-1, -2) @ do).view(b, hk, group, s, d).sum(2).transpose(1, 2)
+    dq, dk, dv = online.masked_backward(dout, q, k, v, lse, delta, mask)
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
