@@ -230,10 +230,10 @@ def attention_backward(
     ``row_windows``: (WIN, KT) of adaptive windows (``ops.adaptive_tables``)."""
     b, s, hq, d = q.shape
     dtype, arch = swattn.DTYPES[q.dtype], swattn.cuda_arch(q.device)
-    do = do.contiguous()
+    do = do.to(q.dtype).contiguous()
     if delta is None:
         delta = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
-        compiled_preprocess(d, dtype, arch)(out.to(q.dtype).contiguous(), do.to(q.dtype), delta)
+        compiled_preprocess(d, dtype, arch)(out.to(q.dtype).contiguous(), do, delta)
         if dlse is not None:
             delta -= dlse
     delta = delta.float().contiguous()
@@ -244,5 +244,5 @@ def attention_backward(
     win, kt = row_windows if row_windows is not None else swattn._placeholders(q.device)
     q_len = true_seq_len if true_q_len is None else true_q_len
     scalars = (left, right, n_global, kv_heads_per_class, q_len, true_seq_len, dilation)
-    kernel(q, k, v, do.to(q.dtype), lse, delta, dq, dk, dv, win, kt, *scalars)
+    kernel(q, k, v, do, lse, delta, dq, dk, dv, win, kt, *scalars)
     return dq, dk, dv

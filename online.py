@@ -66,7 +66,9 @@ def block_visible(q_offset: int, q_len: int, k_offset: int, k_len: int, left: in
 
 
 def block_mask(q_offset, q_len, k_offset, k_len, left, right, global_tokens, device=None) -> torch.Tensor:
-    """Boolean (q_len, k_len): which pairs of the two blocks the window keeps."""
+    """Boolean (q_len, k_len): which pairs of the two blocks the window keeps.
+    ``left``/``right`` may also be tensors (..., q_len, 1), one bound per query row:
+    the mask is then (..., q_len, k_len)."""
     i = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
     j = torch.arange(k_offset, k_offset + k_len, device=device)[None, :]
     return ((j - i >= -left) & (j - i <= right)) | (i < global_tokens) | (j < global_tokens)

@@ -25,11 +25,10 @@ import swattn
 
 def _class_masks(s, heads, left, right, win, n_global, true_seq_len, dilation, heads_per_class, device):
     """(heads, s, s) boolean: the window (or a global token) inside each head's class, padding hidden."""
+    if win is not None:  # one (left, right) per row: (heads, s, 1) bounds
+        left, right = win[..., 0, None], win[..., 1, None]
+    local = online.block_mask(0, s, 0, s, left, right, n_global, device=device)
     i = torch.arange(s, device=device)
-    offset = (i[None, :] - i[:, None])[None]  # (1, s, s): key - query
-    lo, hi = (-left, right) if win is None else (-win[..., 0, None], win[..., 1, None])  # (heads, s, 1) when adaptive
-    glob = (i[:, None] < n_global) | (i[None, :] < n_global)
-    local = ((offset >= lo) & (offset <= hi)) | glob[None]
     valid = torch.tensor(
         [swattn.class_len(true_seq_len, h // heads_per_class, dilation) for h in range(heads)], device=device
     )
@@ -157,16 +156,15 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def adaptive_tables(
-    row_windows, dilation: int, q_heads: int, kv_heads: int, seq_len: int, global_tokens: int, head_dim: int, arch: str
+    win, dilation: int, q_heads: int, kv_heads: int, seq_len: int, global_tokens: int, head_dim: int, arch: str
 ):
-    """(win, kt_fwd, kt_bwd) for per-row windows (left, right) each (q_heads, seq):
-    the windows in the head-class layout (classes, seq / d, 2), the forward's key
-    tiles per (head, query tile) and the backward's query tiles per (kv head, key
-    tile), merged over each GQA group (a union of ranges; heads with none skipped)."""
+    """(win, kt_fwd, kt_bwd) for per-row windows ``win`` already in the head-class
+    layout (classes, seq / d, 2): the windows, the forward's key tiles per (head,
+    query tile) and the backward's query tiles per (kv head, key tile), merged
+    over each GQA group (a union of ranges; heads with none skipped)."""
     import backward
 
-    win = torch.stack([swattn.rows_to_classes(w, dilation) for w in row_windows], -1).contiguous()
-    device = win.device  # the same stack as the eager path's in ``attention``
+    device = win.device
     valid = swattn.class_len(seq_len, torch.arange(dilation * q_heads, device=device) // q_heads, dilation)
     block_m, block_n = swattn.tile_config(head_dim, arch)[:2]
     kt_fwd = swattn.adaptive_schedule(win[..., 0], win[..., 1], valid, global_tokens, block_m, block_n)
@@ -196,10 +194,11 @@ def attention(
     qv, kv, vv = (swattn.to_classes(x, dilation) for x in (q, k, v))
     sd = qv.shape[1]
     tables = (None, None, None)
-    if row_windows is not None and swattn.on_gpu(q):
-        tables = adaptive_tables(row_windows, dilation, hq, hk, s, global_tokens, d, swattn.cuda_arch(q.device))
-    elif row_windows is not None:  # the eager path needs only the windows, no tile schedules
-        tables = (torch.stack([swattn.rows_to_classes(w, dilation) for w in row_windows], -1), None, None)
+    if row_windows is not None:
+        win = torch.stack([swattn.rows_to_classes(w, dilation) for w in row_windows], -1).contiguous()
+        tables = (win, None, None)  # the eager path needs only the windows, no tile schedules
+        if swattn.on_gpu(q):
+            tables = adaptive_tables(win, dilation, hq, hk, s, global_tokens, d, swattn.cuda_arch(q.device))
     scalars = (min(left, sd - 1), min(right, sd - 1), global_tokens, s, dilation, hq, hk)
     out, lse = attention_fwd(qv, kv, vv, *tables, *scalars)
     return swattn.from_classes(out, lse, s, dilation)

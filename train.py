@@ -69,7 +69,7 @@ def batches(data: torch.Tensor, steps: int, batch: int, context: int, seed: int)
         yield chunk[:, :-1], chunk[:, 1:]
 
 
-def train(impl: str, args, device) -> dict:
+def train(impl: str, args, device, data: torch.Tensor) -> dict:
     torch.manual_seed(args.seed)
     model = SlidingWindowLM(args.context, args.dim, args.layers, args.heads, args.kv_heads, args.window, impl).to(
         device
@@ -77,7 +77,7 @@ def train(impl: str, args, device) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     losses, times = [], []
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for x, y in batches(corpus(), args.steps, args.batch, args.context, args.seed):
+    for x, y in batches(data, args.steps, args.batch, args.context, args.seed):
         x, y = x.to(device), y.to(device)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -114,7 +114,8 @@ def main() -> None:
         args.context, args.dim, args.layers, args.heads, args.kv_heads, args.window, args.batch = 64, 64, 2, 4, 2, 16, 4
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     impls = ["kernel", "sdpa"] if device.type == "cuda" else ["sdpa"]
-    runs = [train(impl, args, device) for impl in impls]
+    data = corpus()
+    runs = [train(impl, args, device, data) for impl in impls]
     for r in runs:
         print(f"{r['impl']:6s} loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, step {r['step_ms_median']:.1f} ms")
     if len(runs) == 2:
