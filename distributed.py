@@ -90,7 +90,7 @@ class _SequenceParallelAttention(torch.autograd.Function):
         rank, world, n = dist.get_rank(group), dist.get_world_size(group), q.shape[1]
         out, lse = empty_state(q)
         kv = torch.stack([k, v])
-        halo = []
+        halo, sends = [], []
         if not ring:
             receives, sends = halo_plan(rank, world, n, left, right)
             bufs = [(torch.empty_like(kv[:, :, :rows]), src) for src, rows in receives]
@@ -105,8 +105,8 @@ class _SequenceParallelAttention(torch.autograd.Function):
         else:
             current, spare = kv.contiguous(), torch.empty_like(kv)
             for hop in range(world):
-                nxt = (rank + 1) % world, (rank - 1) % world
-                reqs = _exchange([(current, nxt[0])], [(spare, nxt[1])], group) if hop < world - 1 else []
+                nxt, prv = (rank + 1) % world, (rank - 1) % world
+                reqs = _exchange([(current, nxt)], [(spare, prv)], group) if hop < world - 1 else []
                 src = (rank - hop) % world
                 if block_visible(rank * n, n, src * n, n, left, right, global_tokens):
                     merge_(
@@ -117,6 +117,7 @@ class _SequenceParallelAttention(torch.autograd.Function):
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, *(buf for buf, _, _ in halo))
         ctx.halo = [(src, k0) for _, src, k0 in halo]
+        ctx.halo_sends = sends  # the backward returns their dK/dV the same way
         ctx.args = left, right, global_tokens, scale, group, ring
         return out, lse
 
@@ -145,8 +146,9 @@ class _SequenceParallelAttention(torch.autograd.Function):
                 )
                 dq += gq
                 back.append((torch.stack([gk, gv]), src))
-            _, sends = halo_plan(rank, world, n, left, right)
-            incoming = [(dk.new_empty(2, k.shape[0], rows, *k.shape[2:]), dst, rows, side) for dst, rows, side in sends]
+            incoming = [
+                (dk.new_empty(2, k.shape[0], rows, *k.shape[2:]), dst, rows, side) for dst, rows, side in ctx.halo_sends
+            ]
             _wait(_exchange(back, [(buf, dst) for buf, dst, _, _ in incoming], group))
             for buf, _, rows, side in incoming:
                 dk[:, _rows(n, rows, side)] += buf[0]
