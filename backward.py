@@ -236,7 +236,9 @@ def attention_backward(
         compiled_preprocess(d, dtype, arch)(out.to(q.dtype).contiguous(), do, delta)
         if dlse is not None:
             delta -= dlse
-    delta = delta.float().contiguous()
+    # A block's lse/delta are slices of the merged (batch, heads, seq) state: the
+    # kernel's ABI wants them packed.
+    lse, delta = lse.float().contiguous(), delta.float().contiguous()
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.empty(k.shape, device=q.device, dtype=torch.float32)
     dv = torch.empty(v.shape, device=q.device, dtype=torch.float32)

@@ -50,7 +50,7 @@ CASES = [
 
 def reference_fn(left, right, dilation, global_tokens=0):
     def fn(q, k, v):
-        mask = ref.local_mask(q.shape[1], left, right, dilation, global_tokens)
+        mask = ref.local_mask(q.shape[1], left, right, dilation, global_tokens, device=q.device)
         return ref.attention_ref(q, k, v, mask, return_lse=True)
 
     return fn
