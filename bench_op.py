@@ -9,6 +9,9 @@ Columns, per shape and dtype (medians of triton.testing.do_bench, inputs made
 once outside the timing):
   swattn      this repository's TileLang kernel, (batch, seq, heads, dim) in
   flex        torch.compile(flex_attention) with a BlockMask of the same window
+  fa4         FlashAttention-4 (flash_attn.cute, CuTe DSL) with window_size =
+              (left, right), (batch, seq, heads, dim) in; only when
+              flash_attn.cute imports (offline: ../shared/tools/offline-fa4.sh)
   sdpa        SDPA flash on the whole sequence (causal when right = 0): the
               full-attention cost a sliding window saves
 TFLOP/s counts only the (query, key) pairs inside the window; % floor is the
@@ -67,6 +70,20 @@ def flex_impl(sh: dict):
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
+def fa4_impl(sh: dict):
+    """FlashAttention-4's local attention, or None where flash_attn.cute is missing."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception:  # not installed, or its CuTe DSL does not load here
+        return None
+
+    def run(q, k, v):
+        out = flash_attn_func(q, k, v, window_size=(sh["left"], sh["right"]))
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
 def sdpa_impl(sh: dict):
     group = sh["q_heads"] // sh["kv_heads"]
 
@@ -96,6 +113,9 @@ def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict, backward: bool = Fals
         "flex": lambda: flex(qt, kt, vt),
         "sdpa " + ("causal" if sh["right"] == 0 else "full"): lambda: sdpa(qt, kr, vr),
     }
+    fa4 = fa4_impl(sh)
+    if fa4 is not None:
+        impls["fa4"] = lambda: fa4(q, k, v)
     err = ref.rel_err(impls["swattn"]().transpose(1, 2), impls["flex"]())
     flops = 4 * b * hq * d * visible_pairs(s, *window) * (3.5 if backward else 1)
     floor = floor_us(sh, flops, peaks) * (3 if backward else 1)  # fwd + bwd reads/writes ~3x the bytes
@@ -109,7 +129,7 @@ def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict, backward: bool = Fals
             return lambda: forward().backward(grad)
 
         # swattn returns (B, S, H, D); flex and SDPA (B, H, S, D)
-        impls = {n: step(f, dout if n == "swattn" else dout.transpose(1, 2)) for n, f in impls.items()}
+        impls = {n: step(f, dout if n in ("swattn", "fa4") else dout.transpose(1, 2)) for n, f in impls.items()}
     rows = []
     for name, fn in impls.items():
         us = do_bench(fn, warmup=50, rep=200, grad_to_none=leaves if backward else None, return_mode="median") * 1e3
@@ -126,7 +146,7 @@ def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict, backward: bool = Fals
                 "err_vs_flex": err,
             }
         )
-    flex_us = rows[1]["us"]
+    flex_us = next(r["us"] for r in rows if r["impl"] == "flex")
     for r in rows:
         r["x_vs_flex"] = flex_us / r["us"]
     return rows
