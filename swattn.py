@@ -105,8 +105,8 @@ def make_forward(
     arch: str = "sm_90a",
     tile: tuple | None = None,
     mode: str = "general",
-    overlap: bool = True,
-    skip_full_masks: bool = True,
+    overlap: bool = False,
+    skip_full_masks: bool = False,
 ):
     """Kernel factory: forward sliding-window attention, all sizes and windows at run time.
 
@@ -325,8 +325,8 @@ def compiled_forward(
     arch: str,
     tile: tuple | None = None,
     mode: str = "general",
-    overlap: bool = True,
-    skip_full_masks: bool = True,
+    overlap: bool = False,
+    skip_full_masks: bool = False,
 ):
     return tilelang.compile(
         make_forward(head_dim, dtype, arch, tile, mode, overlap, skip_full_masks),
