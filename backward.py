@@ -152,19 +152,32 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
                 T.copy(dO[b, qt * block_m : (qt + 1) * block_m, qh, :], do_s)
                 T.fill(st, 0)
                 T.gemm(k_s, q_s, st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                for j, i in T.Parallel(block_n, block_m):
-                    kj = bx * block_n + j
-                    qi = qt * block_m + i
-                    if adaptive:
-                        row = T.min(qi, seq_len - 1)
-                        in_window = tir.all(kj >= qi - WIN[qh, row, 0], kj <= qi + WIN[qh, row, 1])
-                    else:
-                        in_window = tir.all(kj >= qi - left, kj <= qi + right)
-                    seen = tir.all(kj < k_valid, qi < q_valid, tir.any(in_window, kj < n_global, qi < n_global))
-                    # Masked and out-of-range pairs are 0 by selection, never by
-                    # multiplying: rows past the end may hold anything.
-                    lse = T.if_then_else(qi < seq_len, LSE[b, qh, qi], 0)
-                    st[j, i] = T.if_then_else(seen, T.exp2(st[j, i] * scale_log2 - lse * swattn.LOG2E), 0)
+                # A tile inside the window (and inside both sequences): P without the
+                # mask, whose compares and selects cost as much as the exponentials.
+                full = not adaptive and tir.all(
+                    qt * block_m + block_m <= q_valid,
+                    swattn.tile_fully_visible(
+                        qt * block_m, bx * block_n, block_m, block_n, k_valid, left, right, n_global
+                    ),
+                )
+                if full:
+                    for j, i in T.Parallel(block_n, block_m):
+                        lse = LSE[b, qh, qt * block_m + i]
+                        st[j, i] = T.exp2(st[j, i] * scale_log2 - lse * swattn.LOG2E)
+                else:
+                    for j, i in T.Parallel(block_n, block_m):
+                        kj = bx * block_n + j
+                        qi = qt * block_m + i
+                        if adaptive:
+                            row = T.min(qi, seq_len - 1)
+                            in_window = tir.all(kj >= qi - WIN[qh, row, 0], kj <= qi + WIN[qh, row, 1])
+                        else:
+                            in_window = tir.all(kj >= qi - left, kj <= qi + right)
+                        seen = tir.all(kj < k_valid, qi < q_valid, tir.any(in_window, kj < n_global, qi < n_global))
+                        # Masked and out-of-range pairs are 0 by selection, never by
+                        # multiplying: rows past the end may hold anything.
+                        lse = T.if_then_else(qi < seq_len, LSE[b, qh, qi], 0)
+                        st[j, i] = T.if_then_else(seen, T.exp2(st[j, i] * scale_log2 - lse * swattn.LOG2E), 0)
                 T.fill(dpt, 0)
                 T.gemm(v_s, do_s, dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 T.copy(st, pt_cast)

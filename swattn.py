@@ -105,8 +105,7 @@ def make_forward(
     arch: str = "sm_90a",
     tile: tuple | None = None,
     mode: str = "general",
-    overlap: bool = False,
-    skip_full_masks: bool = False,
+    skip_full_masks: bool = True,
 ):
     """Kernel factory: forward sliding-window attention, all sizes and windows at run time.
 
@@ -124,12 +123,10 @@ def make_forward(
     default gives the consumers 240 registers, one CTA per SM; small tiles then
     leave the SM idle while one CTA waits on memory. Asking for more CTAs caps
     the consumers' registers so that they fit.
-    ``overlap`` (Hopper): software-pipeline the loop so that the softmax of key
-    tile t runs while the tensor cores do S = Q K^T of tile t and P V of tile
-    t - 1 (FlashAttention-3's intra-warpgroup overlap, through TileLang's
-    order/stage/group annotation of ``T.Pipelined``).
     ``skip_full_masks``: a key tile that every row of the query tile sees whole
-    (the window's interior) clears S instead of evaluating the mask per element.
+    (the window's interior) clears S instead of evaluating the mask per element;
+    the mask's compares and selects cost as much as the softmax (analysis.md:
+    1974 -> 1250 us at D=128, W=1024). False only for the sweep's comparison.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -161,26 +158,6 @@ def make_forward(
         if not general:
             return tir.all(kj < valid, in_window)
         return tir.all(kj < valid, tir.any(in_window, kj < n_global, qi < n_global))
-
-    def tile_fully_visible(q0, k0, valid, left, right, n_global):
-        """Every row of query tile [q0, q0 + block_m) sees every key of tile
-        [k0, k0 + block_n): the mask of ``visible`` is all true there."""
-        inside = k0 + block_n <= valid
-        in_window = tir.all(k0 >= q0 + block_m - 1 - left, k0 + block_n - 1 <= q0 + right)
-        if not general:
-            return tir.all(inside, in_window)
-        return tir.all(inside, tir.any(in_window, k0 + block_n <= n_global, q0 + block_m <= n_global))
-
-    # FA3-style overlap. The loop body's statements, in order: 0 load K, 1 mask,
-    # 2 S = QK^T, 3-9 softmax, 10 rescale acc, 11 load V, 12 acc += PV. Stage 1
-    # runs one tile behind: each iteration issues S(t), then rescale and PV of
-    # tile t - 1, then the softmax of t, so the tensor cores work on P V while
-    # the softmax units work on the next tile.
-    pipeline = (
-        dict(stage=[0] * 10 + [1] * 3, order=[0, 1, 2, *range(6, 13), 3, 4, 5])
-        if overlap and arch.startswith("sm_9")
-        else dict(num_stages=num_stages)
-    )
 
     @T.prim_func
     def forward(
@@ -237,7 +214,7 @@ def make_forward(
                 n_g, lo, hi = KT[qh, bx, 0], KT[qh, bx, 1], KT[qh, bx, 2]
             else:
                 n_g, lo, hi = key_tile_schedule(bx, valid, left, right, n_glob, block_m, block_n, T.max, T.min)
-            for it in T.Pipelined(n_g + hi - lo, **pipeline):
+            for it in T.Pipelined(n_g + hi - lo, num_stages=num_stages):
                 T.copy(K[b, tile_of(it, n_g, lo) * block_n : (tile_of(it, n_g, lo) + 1) * block_n, kvh, :], k_s)
                 if adaptive:  # rows with windows of their own: always the per-element mask
                     for i, j in T.Parallel(block_m, block_n):
@@ -246,7 +223,8 @@ def make_forward(
                             visible(qi, kj, valid, row_left[i], row_right[i], n_global), 0, neg_inf
                         )
                 elif skip_full_masks:
-                    if tile_fully_visible(bx * block_m, tile_of(it, n_g, lo) * block_n, valid, left, right, n_glob):
+                    q0, k0 = bx * block_m, tile_of(it, n_g, lo) * block_n
+                    if tile_fully_visible(q0, k0, block_m, block_n, valid, left, right, n_glob, general):
                         T.clear(s)
                     else:
                         for i, j in T.Parallel(block_m, block_n):
@@ -301,6 +279,17 @@ def consumer_regs(consumer_threads: int, occupancy: int, producer_threads: int =
     return min(240, (pool - producer_threads * producer_regs) // consumer_threads // 8 * 8)
 
 
+def tile_fully_visible(q0, k0, block_m: int, block_n: int, valid, left, right, n_global, general: bool = True):
+    """Every query of tile [q0, q0 + block_m) sees every key of tile [k0, k0 + block_n)
+    (the window test of the kernels true throughout: no per-element mask needed).
+    ``valid``: keys that exist; ``general`` adds the global tokens' rows and columns."""
+    exists = k0 + block_n <= valid
+    in_window = tir.all(k0 >= q0 + block_m - 1 - left, k0 + block_n - 1 <= q0 + right)
+    if not general:
+        return tir.all(exists, in_window)
+    return tir.all(exists, tir.any(in_window, k0 + block_n <= n_global, q0 + block_m <= n_global))
+
+
 def tile_of(it, n_global_tiles, lo):
     """Key tile of loop iteration ``it``: the global tiles first, then the window's."""
     if isinstance(n_global_tiles, int) and n_global_tiles == 0:
@@ -325,11 +314,10 @@ def compiled_forward(
     arch: str,
     tile: tuple | None = None,
     mode: str = "general",
-    overlap: bool = False,
-    skip_full_masks: bool = False,
+    skip_full_masks: bool = True,
 ):
     return tilelang.compile(
-        make_forward(head_dim, dtype, arch, tile, mode, overlap, skip_full_masks),
+        make_forward(head_dim, dtype, arch, tile, mode, skip_full_masks),
         target={"kind": "cuda", "arch": arch},
         pass_configs={"tl.enable_fast_math": True},
     )

@@ -21,16 +21,12 @@ sys.path.insert(0, str(ROOT))
 
 # (block_m, block_n, threads, num_stages, CTAs per SM) or None for swattn.TILES;
 # kernel mode; loop schedule: "ws" TileLang's warp-specialized TMA pipeline,
-# "overlap" the FA3-style manual stage/order pipeline (no warp specialization),
 # "auto" TileLang's role-based automatic warp specialization; skip = clear S instead of masking full tiles.
 VARIANTS = [
     (None, "window", "ws", False),
     (None, "window", "ws", True),
-    (None, "window", "overlap", True),
     (None, "window", "auto", False),  # role-based WS declines if/else bodies: no skip
     ((128, 128, 256, 2, 1), "window", "ws", True),
-    ((128, 128, 256, 2, 1), "window", "overlap", True),
-    ((128, 64, 256, 2, 1), "window", "overlap", True),
     (None, "general", "ws", True),
 ]
 
@@ -46,7 +42,7 @@ def build(head_dim, dtype, tile, mode, schedule, skip):
     configs = {"tl.enable_fast_math": True}
     if schedule == "auto":
         configs["tl.enable_auto_warp_specialization"] = "role_based"
-    fn = swattn.make_forward(head_dim, dtype, "sm_90a", tile, mode, schedule == "overlap", skip)
+    fn = swattn.make_forward(head_dim, dtype, "sm_90a", tile, mode, skip)
     return tilelang.compile(fn, target={"kind": "cuda", "arch": "sm_90a"}, pass_configs=configs)
 
 
