@@ -28,6 +28,12 @@ VARIANTS = [
     (None, "window", "auto", False),  # role-based WS declines if/else bodies: no skip
     ((128, 128, 256, 2, 1), "window", "ws", True),
     (None, "general", "ws", True),
+    ((128, 64, 256, 3, 2), "window", "ws", True),
+    ((128, 64, 256, 4, 2), "window", "ws", True),
+    ((64, 128, 128, 2, 2), "window", "ws", True),
+    ((64, 64, 128, 2, 3), "window", "ws", True),
+    ((64, 64, 128, 3, 3), "window", "ws", True),
+    ((128, 64, 128, 2, 2), "window", "ws", True),
 ]
 
 
