@@ -51,12 +51,13 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 TILES = {
     # (block_m, block_n, threads, num_stages, CTAs per SM) per head_dim, from
-    # scripts/sweep_op.py on an H100 (analysis.md). D=64: 128x64 tiles, two CTAs
-    # per SM (one per SM left the SM idle on memory: 1.8-2.3x slower). D=128:
-    # 128x128, one CTA (128x64 at two CTAs does not fit the registers).
+    # scripts/sweep_op.py on an H100 (analysis.md). D=64: 64x64 tiles, four CTAs
+    # per SM (one per SM left the SM idle on memory: 1.8-2.3x slower; four beat
+    # 128x64 at two by 6-20%). D=128: 128x128, one CTA (128x64 at two CTAs does
+    # not fit the registers).
     # Ampere's cp.async pipeline in TileLang 0.1.15 only lowers this loop form
     # with one stage; no warp specialization there, so no register split either.
-    "sm_90a": {64: (128, 64, 256, 2, 2), 128: (128, 128, 256, 2, 1)},
+    "sm_90a": {64: (64, 64, 128, 2, 4), 128: (128, 128, 256, 2, 1)},
     "sm_80": {64: (64, 64, 128, 1, 1), 128: (64, 64, 128, 1, 1)},
 }
 

@@ -34,6 +34,9 @@ VARIANTS = [
     ((64, 64, 128, 2, 3), "window", "ws", True),
     ((64, 64, 128, 3, 3), "window", "ws", True),
     ((128, 64, 128, 2, 2), "window", "ws", True),
+    ((64, 64, 128, 2, 4), "window", "ws", True),
+    ((64, 64, 128, 3, 4), "window", "ws", True),
+    ((64, 128, 128, 2, 3), "window", "ws", True),
 ]
 
 
@@ -64,9 +67,11 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", type=int, nargs="*", default=[1, 3])
     p.add_argument("--dtype", default="float16")
+    p.add_argument("--variants", type=int, nargs="*", help="indices into VARIANTS (default: all)")
     args = p.parse_args()
+    variants = [VARIANTS[i] for i in args.variants] if args.variants else VARIANTS
     shapes = [json.loads((ROOT / "configs/bench_op.json").read_text())["shapes"][i] for i in args.shapes]
-    jobs = list(dict.fromkeys((sh["head_dim"], args.dtype, *v) for sh in shapes for v in VARIANTS))
+    jobs = list(dict.fromkeys((sh["head_dim"], args.dtype, *v) for sh in shapes for v in variants))
     with mp.get_context("spawn").Pool(min(len(jobs), 14)) as pool:
         for job in pool.imap_unordered(_compile, jobs):
             print("compiled", job, flush=True)
@@ -89,7 +94,7 @@ def main() -> None:
         out = torch.empty_like(q)
         lse = torch.empty(b, hq, s, device="cuda")
         base = None
-        for tile, mode, schedule, skip in VARIANTS:
+        for tile, mode, schedule, skip in variants:
             try:
                 kern = build(d, args.dtype, tile, mode, schedule, skip)
             except Exception as e:
