@@ -30,15 +30,15 @@ import tvm.tirx as tir  # tvm ships inside tilelang; importable once tilelang is
 import swattn
 
 TILES = {
-    # (block_m query rows, block_n keys, threads, num_stages) per head_dim. A first,
-    # untuned choice (the forward's sweep does not carry over: the backward holds
-    # dK and dV in registers besides the score tile).
-    "sm_90a": {64: (64, 64, 128, 2), 128: (64, 64, 128, 2)},
-    "sm_80": {64: (64, 64, 128, 1), 128: (64, 64, 128, 1)},
+    # (block_m query rows, block_n keys, threads, num_stages, CTAs per SM) per
+    # head_dim (scripts/sweep_bwd.py). The backward holds dK, dV and a dQ tile in
+    # registers besides two score tiles, so it fits fewer CTAs than the forward.
+    "sm_90a": {64: (64, 64, 128, 2, 1), 128: (64, 64, 128, 2, 1)},
+    "sm_80": {64: (64, 64, 128, 1, 1), 128: (64, 64, 128, 1, 1)},
 }
 
 
-def tile_config(head_dim: int, arch: str) -> tuple[int, int, int, int]:
+def tile_config(head_dim: int, arch: str) -> tuple[int, int, int, int, int]:
     return TILES["sm_90a" if arch.startswith("sm_9") else "sm_80"][head_dim]
 
 
@@ -81,7 +81,7 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
     from WIN (heads, seq, 2) and each (kv head, key tile) its query tiles from
     KT (``swattn.adaptive_key_side_schedule``, merged over the GQA group); the
     scalars left, right are then unused, as WIN and KT are otherwise."""
-    block_m, block_n, threads, num_stages = tile or tile_config(head_dim, arch)
+    block_m, block_n, threads, num_stages, occupancy = tile or tile_config(head_dim, arch)
     accum = "float32"
     batch, seq_len, kv_len = T.dynamic("batch"), T.dynamic("seq_len"), T.dynamic("kv_len")
     q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
@@ -112,6 +112,10 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
         dilation: T.int32,
     ):
         with T.Kernel(T.ceildiv(kv_len, block_n), kv_heads, batch, threads=threads) as (bx, kvh, b):
+            if occupancy > 1:  # as in the forward (swattn.make_forward): cap the consumers' registers
+                T.annotate_min_blocks_per_sm(occupancy)
+                T.annotate_producer_reg_dealloc(24)
+                T.annotate_consumer_reg_alloc(swattn.consumer_regs(threads, occupancy))
             k_s = T.alloc_shared((block_n, head_dim), dtype)
             v_s = T.alloc_shared((block_n, head_dim), dtype)
             q_s = T.alloc_shared((block_m, head_dim), dtype)

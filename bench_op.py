@@ -47,9 +47,12 @@ def visible_pairs(seq_len: int, left: int, right: int) -> int:
     return int((torch.clamp(i + right, max=seq_len - 1) - torch.clamp(i - left, min=0) + 1).sum())
 
 
-def floor_us(sh: dict, flops: float, peaks: dict, elem: int = 2) -> float:
+def floor_us(sh: dict, flops: float, peaks: dict, passes: int = 1, elem: int = 2) -> float:
+    """Roofline floor: max(FLOPs / peak, bytes / bandwidth). ``passes``: how many
+    times the tensors move (forward 1; forward + backward ~3: Q, K, V, O, dO read
+    again and dQ, dK, dV written)."""
     b, s, d = sh["batch"], sh["seq"], sh["head_dim"]
-    bytes_ = elem * b * s * d * (2 * sh["q_heads"] + 2 * sh["kv_heads"])  # Q, O and K, V once each
+    bytes_ = passes * elem * b * s * d * (2 * sh["q_heads"] + 2 * sh["kv_heads"])  # Q, O and K, V once each
     return max(flops / (peaks["fp16_tflops"] * 1e12), bytes_ / (peaks["bandwidth_gbps"] * 1e9)) * 1e6
 
 
@@ -118,7 +121,7 @@ def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict, backward: bool = Fals
         impls["fa4"] = lambda: fa4(q, k, v)
     err = ref.rel_err(impls["swattn"]().transpose(1, 2), impls["flex"]())
     flops = 4 * b * hq * d * visible_pairs(s, *window) * (3.5 if backward else 1)
-    floor = floor_us(sh, flops, peaks) * (3 if backward else 1)  # fwd + bwd reads/writes ~3x the bytes
+    floor = floor_us(sh, flops, peaks, passes=3 if backward else 1)
     leaves = [q, k, v, qt, kt, vt, kr, vr]  # SDPA's repeated K/V too, or it would skip their gradients
     if backward:
         for x in leaves:
@@ -166,7 +169,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, device: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,7 +208,8 @@ def plot(rows: list[dict], path: Path) -> None:
     labels = [f"{k[0]}x{k[1]}/{k[2]}\nS{k[3]} D{k[4]}\n({k[5]},{k[6]}) {k[7][:4]}" for k in keys]
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], labels, fontsize=7)
     ax.set_ylabel("% of the roofline floor (higher is better)")
-    ax.set_title(f"sliding-window attention forward: {torch.cuda.get_device_name()}")
+    passes = "forward + backward" if rows[0].get("pass") == "fwd+bwd" else "forward"
+    ax.set_title(f"sliding-window attention {passes}: {device}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -225,14 +229,15 @@ def main() -> None:
     rows = []
     for sh in shapes:
         for dt in args.dtypes:
-            rows += bench_shape(sh, DTYPES[dt], peaks, args.backward)
-            print("\n".join(table(rows[-3:]).splitlines()[2:]), flush=True)
+            new = bench_shape(sh, DTYPES[dt], peaks, args.backward)
+            rows += new
+            print("\n".join(table(new).splitlines()[2:]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"env": environment(), "date": str(datetime.date.today()), "peaks": peaks, "command": " ".join(sys.argv)}
     stem = "bench_op_bwd" if args.backward else "bench_op"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    plot(rows, out / f"{stem}.png")
+    plot(rows, out / f"{stem}.png", torch.cuda.get_device_name())
     print(f"\n{meta['env']} | {meta['date']} | peaks {peaks}")
     print(table(rows))
 

@@ -1,0 +1,109 @@
+"""Sweep the backward kernel's tiles and CTAs per SM on bench_op shapes; one table.
+Feeds backward.TILES.
+
+    python scripts/sweep_bwd.py [--shapes 1 3] [--dtype float16]
+
+Compiles every variant in worker processes first (TileLang's disk cache then
+serves the timing process), then times the main backward kernel alone (dQ
+zeroed inside the timed call, as the launcher does) with triton's do_bench.
+"err vs row 1": ||dK - dK of the first variant|| / ||dK of the first||, dQ and dV
+likewise (the max of the three); tests/test_autograd.py holds the real checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# (block_m, block_n, threads, num_stages, CTAs per SM); None = backward.TILES
+VARIANTS = [
+    None,
+    (64, 64, 128, 2, 2),
+    (64, 64, 128, 2, 3),
+    (64, 128, 256, 2, 1),
+    (128, 64, 256, 2, 1),
+]
+
+
+def _compile(job):
+    import backward
+
+    head_dim, dtype, tile = job
+    try:
+        backward.compiled_backward(head_dim, dtype, "sm_90a", tile)
+    except Exception as e:  # a variant that does not build is reported, not fatal
+        return job, repr(e)[:200]
+    return job
+
+
+def _launch(kern, args) -> None:
+    args[6].zero_()  # dQ accumulates atomically
+    kern(*args)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", type=int, nargs="*", default=[1, 3])
+    p.add_argument("--dtype", default="float16")
+    args = p.parse_args()
+    shapes = [json.loads((ROOT / "configs/bench_op.json").read_text())["shapes"][i] for i in args.shapes]
+    jobs = list(dict.fromkeys((sh["head_dim"], args.dtype, v) for sh in shapes for v in VARIANTS))
+    with mp.get_context("spawn").Pool(min(len(jobs), 14)) as pool:
+        for job in pool.imap_unordered(_compile, jobs):
+            print("compiled", job, flush=True)
+
+    import torch
+    from triton.testing import do_bench
+
+    import backward
+    import reference as ref
+    import swattn
+
+    dt = getattr(torch, args.dtype)
+    lines = [
+        "| shape | window | tile (bm, bn, thr, stages, CTAs/SM) | us | err vs row 1 |",
+        "|---|---|---|---:|---:|",
+    ]
+    for sh in shapes:
+        b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
+        left, right = sh["left"], sh["right"]
+        q = torch.randn(b, s, hq, d, device="cuda", dtype=dt)
+        k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=dt) for _ in range(2))
+        do = torch.randn_like(q)
+        out, lse = swattn.sliding_window_attention(q, k, v, (left, right), return_lse=True)
+        delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+        win, kt = swattn._placeholders(q.device)
+        grads = [torch.empty(x.shape, device="cuda", dtype=torch.float32) for x in (q, k, v)]
+        base = None
+        for tile in VARIANTS:
+            try:
+                kern = backward.compiled_backward(d, args.dtype, "sm_90a", tile)
+            except Exception as e:
+                print(tile, "failed:", repr(e)[:200])
+                continue
+
+            args = (q, k, v, do, lse, delta, *grads, win, kt, left, right, 0, hk, s, s, 1)
+            call = functools.partial(_launch, kern, args)
+
+            for g in grads[1:]:
+                g.fill_(float("nan"))  # unwritten elements fail the comparison
+            call()
+            got = [g.clone() for g in grads]
+            base = got if base is None else base
+            err = max(ref.rel_err(x, y) for x, y in zip(got, base, strict=True))
+            us = do_bench(call, warmup=20, rep=200, return_mode="median") * 1e3
+            shape = f"{b},{hq},{hk},{s},{d} | ({left},{right})"
+            lines.append(f"| {shape} | {tile or backward.tile_config(d, 'sm_90a')} | {us:.1f} | {err:.1e} |")
+            print(lines[-1], flush=True)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
