@@ -89,8 +89,8 @@ def main() -> None:
                 print(tile, "failed:", repr(e)[:200])
                 continue
 
-            args = (q, k, v, do, lse, delta, *grads, win, kt, left, right, 0, hk, s, s, 1)
-            call = functools.partial(_launch, kern, args)
+            launch = (q, k, v, do, lse, delta, *grads, win, kt, left, right, 0, hk, s, s, 1)
+            call = functools.partial(_launch, kern, launch)
 
             for g in grads[1:]:
                 g.fill_(float("nan"))  # unwritten elements fail the comparison
