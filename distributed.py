@@ -12,8 +12,10 @@ Two schedules, both built on online.py's blocks (``block_attention``,
 * halo (a pure window): rank r needs only the K/V rows within ``left`` before
   and ``right`` after its shard, from as many neighbours as the window spans
   (``halo_plan``). They travel with one ``batch_isend_irecv`` while the rank
-  computes its own shard's block, and are kept for the backward, which sends
-  the halo's dK/dV back to their owners the same way, reversed.
+  computes the rows whose windows stay inside its shard; the rows near an edge
+  then run over the halo and the local keys together (split by queries, so no
+  merge). The halo is kept for the backward, which sends the halo's dK/dV back
+  to their owners the same way, reversed.
 * ring (full attention, or global tokens, which every query must see): the
   BurstAttention global-attention-optimisation ring. Forward: K/V blocks travel
   around the ring, P - 1 hops, each hop's transfer posted before the current
@@ -79,6 +81,27 @@ def _exchange(sends: list, receives: list, group):
     return dist.batch_isend_irecv(ops) if ops else []
 
 
+def _gather(pieces, first: int, last: int):
+    """K/V rows [first, last) (clipped to what ``pieces`` hold) as one (2, batch,
+    rows, heads, dim) tensor, and the position of its first row. ``pieces``:
+    (tensor (2, batch, rows, heads, dim), position of its first row), sorted and
+    contiguous."""
+    first, last = max(first, pieces[0][1]), min(last, pieces[-1][1] + pieces[-1][0].shape[2])
+    parts = []
+    for t, start in pieces:
+        lo, hi = max(first, start), min(last, start + t.shape[2])
+        if lo < hi:
+            parts.append(t[:, :, lo - start : hi - start])
+    return (parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=2)), first
+
+
+def _write(out, lse, r0: int, block) -> None:
+    """Put a block's (out, lse) of rows r0 .. r0 + rows that saw all their keys."""
+    o, l = block
+    out[:, r0 : r0 + o.shape[1]] = o
+    lse[:, :, r0 : r0 + o.shape[1]] = l
+
+
 def _wait(reqs) -> None:
     for r in reqs:
         r.wait()
@@ -95,13 +118,24 @@ class _SequenceParallelAttention(torch.autograd.Function):
             receives, sends = halo_plan(rank, world, n, left, right)
             bufs = [(torch.empty_like(kv[:, :, :rows]), src) for src, rows in receives]
             reqs = _exchange([(kv[:, :, _rows(n, rows, side)], dst) for dst, rows, side in sends], bufs, group)
-            if block_visible(rank * n, n, rank * n, n, left, right, 0):  # the interior, while the halo travels
-                merge_(out, lse, *block_attention(q, k, v, rank * n, rank * n, left, right, 0, scale))
+            # Split the queries, not the keys: rows farther than the window from
+            # an edge with a neighbour see only local keys and are computed while
+            # the halo travels; the edge rows wait for it. Each row is computed
+            # once with all its keys, so nothing is merged.
+            a = min(left, n) if rank > 0 else 0
+            z = max(n - right, 0) if rank < world - 1 else n
+            interior = a < z
+            if interior:
+                _write(out, lse, a, block_attention(q[:, a:z], k, v, rank * n + a, rank * n, left, right, 0, scale))
             _wait(reqs)
             for buf, src in bufs:
-                k0 = src * n + (n - buf.shape[2] if src < rank else 0)
-                merge_(out, lse, *block_attention(q, buf[0], buf[1], rank * n, k0, left, right, 0, scale))
-                halo.append((buf, src, k0))
+                halo.append((buf, src, src * n + (n - buf.shape[2] if src < rank else 0)))
+            pieces = sorted([(kv, rank * n)] + [(buf, k0) for buf, _, k0 in halo], key=lambda p: p[1])
+            for r0, r1 in [(0, a), (z, n)] if interior else [(0, n)]:
+                if r0 < r1:
+                    # the keys rows r0 .. r1 - 1 can see
+                    (kr, vr), k0 = _gather(pieces, rank * n + r0 - left, rank * n + r1 + right)
+                    _write(out, lse, r0, block_attention(q[:, r0:r1], kr, vr, rank * n + r0, k0, left, right, 0, scale))
         else:
             current, spare = kv.contiguous(), torch.empty_like(kv)
             for hop in range(world):
