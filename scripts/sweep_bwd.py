@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import multiprocessing as mp
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from sweep_common import bench_shapes, compile_all  # noqa: E402  (scripts/ is on sys.path as the script's folder)
 
 # (block_m, block_n, threads, num_stages, CTAs per SM); None = backward.TILES
 VARIANTS = [
@@ -53,11 +52,8 @@ def main() -> None:
     p.add_argument("--shapes", type=int, nargs="*", default=[1, 3])
     p.add_argument("--dtype", default="float16")
     args = p.parse_args()
-    shapes = [json.loads((ROOT / "configs/bench_op.json").read_text())["shapes"][i] for i in args.shapes]
-    jobs = list(dict.fromkeys((sh["head_dim"], args.dtype, v) for sh in shapes for v in VARIANTS))
-    with mp.get_context("spawn").Pool(min(len(jobs), 14)) as pool:
-        for job in pool.imap_unordered(_compile, jobs):
-            print("compiled", job, flush=True)
+    shapes = bench_shapes(args.shapes)
+    compile_all(_compile, list(dict.fromkeys((sh["head_dim"], args.dtype, v) for sh in shapes for v in VARIANTS)))
 
     import torch
     from triton.testing import do_bench

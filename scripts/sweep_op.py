@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import multiprocessing as mp
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from sweep_common import bench_shapes, compile_all  # noqa: E402  (scripts/ is on sys.path as the script's folder)
 
 # (block_m, block_n, threads, num_stages, CTAs per SM) or None for swattn.TILES;
 # kernel mode; loop schedule: "ws" TileLang's warp-specialized TMA pipeline,
@@ -70,11 +69,8 @@ def main() -> None:
     p.add_argument("--variants", type=int, nargs="*", help="indices into VARIANTS (default: all)")
     args = p.parse_args()
     variants = [VARIANTS[i] for i in args.variants] if args.variants else VARIANTS
-    shapes = [json.loads((ROOT / "configs/bench_op.json").read_text())["shapes"][i] for i in args.shapes]
-    jobs = list(dict.fromkeys((sh["head_dim"], args.dtype, *v) for sh in shapes for v in variants))
-    with mp.get_context("spawn").Pool(min(len(jobs), 14)) as pool:
-        for job in pool.imap_unordered(_compile, jobs):
-            print("compiled", job, flush=True)
+    shapes = bench_shapes(args.shapes)
+    compile_all(_compile, list(dict.fromkeys((sh["head_dim"], args.dtype, *v) for sh in shapes for v in variants)))
 
     import torch
     from triton.testing import do_bench
