@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from sweep_common import bench_shapes, compile_all  # noqa: E402  (scripts/ is on sys.path as the script's folder)
+from sweep_common import bench_shapes, compile_all, random_qkv  # noqa: E402  (scripts/ is on sys.path as the script's folder)
 
 # (block_m, block_n, threads, num_stages, CTAs per SM); None = backward.TILES
 VARIANTS = [
@@ -70,8 +70,7 @@ def main() -> None:
     for sh in shapes:
         b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
         left, right = sh["left"], sh["right"]
-        q = torch.randn(b, s, hq, d, device="cuda", dtype=dt)
-        k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=dt) for _ in range(2))
+        q, k, v = random_qkv(sh, dt)
         do = torch.randn_like(q)
         out, lse = swattn.sliding_window_attention(q, k, v, (left, right), return_lse=True)
         delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()

@@ -23,3 +23,13 @@ def compile_all(compile_one, jobs: list) -> None:
     with mp.get_context("spawn").Pool(min(len(jobs), 14)) as pool:
         for done in pool.imap_unordered(compile_one, jobs):
             print("compiled", done, flush=True)
+
+
+def random_qkv(sh: dict, dtype):
+    """Fresh q (batch, seq, q_heads, dim) and k, v (batch, seq, kv_heads, dim) on CUDA."""
+    import torch
+
+    b, s, d = sh["batch"], sh["seq"], sh["head_dim"]
+    q = torch.randn(b, s, sh["q_heads"], d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(b, s, sh["kv_heads"], d, device="cuda", dtype=dtype) for _ in range(2))
+    return q, k, v

@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from sweep_common import bench_shapes, compile_all  # noqa: E402  (scripts/ is on sys.path as the script's folder)
+from sweep_common import bench_shapes, compile_all, random_qkv  # noqa: E402  (scripts/ is on sys.path as the script's folder)
 
 # (block_m, block_n, threads, num_stages, CTAs per SM) or None for swattn.TILES;
 # kernel mode; loop schedule: "ws" TileLang's warp-specialized TMA pipeline,
@@ -85,8 +85,7 @@ def main() -> None:
     ]
     for sh in shapes:
         b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
-        q = torch.randn(b, s, hq, d, device="cuda", dtype=dt)
-        k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=dt) for _ in range(2))
+        q, k, v = random_qkv(sh, dt)
         out = torch.empty_like(q)
         lse = torch.empty(b, hq, s, device="cuda")
         base = None
