@@ -72,7 +72,14 @@ def make_preprocess(head_dim: int, dtype: str):
 
 
 @functools.cache
-def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple | None = None, adaptive: bool = False):
+def make_backward(
+    head_dim: int,
+    dtype: str,
+    arch: str = "sm_90a",
+    tile: tuple | None = None,
+    adaptive: bool = False,
+    stage_rows: bool = False,
+):
     """dQ, dK, dV (float32; dQ accumulated atomically) for the window (left, right).
 
     Q and K/V may differ in length (a block of a blocked or distributed
@@ -81,7 +88,11 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
     before any class padding. ``adaptive``: every row reads its (left, right)
     from WIN (heads, seq, 2) and each (kv head, key tile) its query tiles from
     KT (``swattn.adaptive_key_side_schedule``, merged over the GQA group); the
-    scalars left, right are then unused, as WIN and KT are otherwise."""
+    scalars left, right are then unused, as WIN and KT are otherwise.
+    ``stage_rows``: read each query tile's lse and delta once into shared memory
+    (by the consumers: TMA cannot take them, see the module docstring) instead of
+    once per score element from global memory. Off until measured
+    (scripts/sweep_bwd.py)."""
     block_m, block_n, threads, num_stages, occupancy = tile or tile_config(head_dim, arch)
     accum = "float32"
     batch, seq_len, kv_len = T.dynamic("batch"), T.dynamic("seq_len"), T.dynamic("kv_len")
@@ -128,6 +139,9 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
             dk = T.alloc_fragment((block_n, head_dim), accum)
             dv = T.alloc_fragment((block_n, head_dim), accum)
             dq = T.alloc_fragment((block_m, head_dim), accum)
+            if stage_rows:
+                lse_s = T.alloc_shared((block_m,), accum)
+                delta_s = T.alloc_shared((block_m,), accum)
 
             group = q_heads // kv_heads
             # Keys and queries that exist in this head class (dilation pads classes).
@@ -155,6 +169,11 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
                 qt = swattn.tile_of(it % n_q, n_g, lo)
                 T.copy(Q[b, qt * block_m : (qt + 1) * block_m, qh, :], q_s)
                 T.copy(dO[b, qt * block_m : (qt + 1) * block_m, qh, :], do_s)
+                if stage_rows:
+                    for i in T.Parallel(block_m):
+                        inside = qt * block_m + i < seq_len
+                        lse_s[i] = T.if_then_else(inside, LSE[b, qh, T.min(qt * block_m + i, seq_len - 1)], 0)
+                        delta_s[i] = T.if_then_else(inside, Delta[b, qh, T.min(qt * block_m + i, seq_len - 1)], 0)
                 T.fill(st, 0)
                 T.gemm(k_s, q_s, st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 # A tile inside the window (and inside both sequences): P without the
@@ -167,7 +186,7 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
                 )
                 if full:
                     for j, i in T.Parallel(block_n, block_m):
-                        lse = LSE[b, qh, qt * block_m + i]
+                        lse = lse_s[i] if stage_rows else LSE[b, qh, qt * block_m + i]
                         st[j, i] = T.exp2(st[j, i] * scale_log2 - lse * swattn.LOG2E)
                 else:
                     for j, i in T.Parallel(block_n, block_m):
@@ -181,7 +200,7 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
                         seen = tir.all(kj < k_valid, qi < q_valid, tir.any(in_window, kj < n_global, qi < n_global))
                         # Masked and out-of-range pairs are 0 by selection, never by
                         # multiplying: rows past the end may hold anything.
-                        lse = T.if_then_else(qi < seq_len, LSE[b, qh, qi], 0)
+                        lse = lse_s[i] if stage_rows else T.if_then_else(qi < seq_len, LSE[b, qh, qi], 0)
                         st[j, i] = T.if_then_else(seen, T.exp2(st[j, i] * scale_log2 - lse * swattn.LOG2E), 0)
                 T.fill(dpt, 0)
                 T.gemm(v_s, do_s, dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
@@ -189,7 +208,7 @@ def make_backward(head_dim: int, dtype: str, arch: str = "sm_90a", tile: tuple |
                 T.gemm(pt_cast, do_s, dv, policy=T.GemmWarpPolicy.FullRow)
                 for j, i in T.Parallel(block_n, block_m):
                     qi = qt * block_m + i
-                    delta = T.if_then_else(qi < seq_len, Delta[b, qh, qi], 0)
+                    delta = delta_s[i] if stage_rows else T.if_then_else(qi < seq_len, Delta[b, qh, qi], 0)
                     dpt[j, i] = T.if_then_else(st[j, i] > 0, st[j, i] * (dpt[j, i] - delta) * sm_scale, 0)
                 T.copy(dpt, pt_cast)
                 T.gemm(pt_cast, q_s, dk, policy=T.GemmWarpPolicy.FullRow)
@@ -213,9 +232,11 @@ def compiled_preprocess(head_dim: int, dtype: str, arch: str):
 
 
 @functools.cache
-def compiled_backward(head_dim: int, dtype: str, arch: str, tile: tuple | None = None, adaptive: bool = False):
+def compiled_backward(
+    head_dim: int, dtype: str, arch: str, tile: tuple | None = None, adaptive: bool = False, stage_rows: bool = False
+):
     return tilelang.compile(
-        make_backward(head_dim, dtype, arch, tile, adaptive),
+        make_backward(head_dim, dtype, arch, tile, adaptive, stage_rows),
         target={"kind": "cuda", "arch": arch},
         pass_configs={"tl.enable_fast_math": True},
     )

@@ -21,22 +21,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from sweep_common import bench_shapes, compile_all, random_qkv  # noqa: E402  (scripts/ is on sys.path as the script's folder)
 
-# (block_m, block_n, threads, num_stages, CTAs per SM); None = backward.TILES
+# ((block_m, block_n, threads, num_stages, CTAs per SM) or None = backward.TILES,
+# stage lse/delta in shared memory)
 VARIANTS = [
-    None,
-    (64, 64, 128, 2, 2),
-    (64, 64, 128, 2, 3),
-    (64, 128, 256, 2, 1),
-    (128, 64, 256, 2, 1),
+    (None, False),
+    (None, True),
+    ((64, 64, 128, 2, 1), False),
+    ((64, 64, 128, 2, 3), False),
+    ((64, 64, 128, 3, 2), True),
 ]
 
 
 def _compile(job):
     import backward
 
-    head_dim, dtype, tile = job
+    head_dim, dtype, (tile, stage_rows) = job
     try:
-        backward.compiled_backward(head_dim, dtype, "sm_90a", tile)
+        backward.compiled_backward(head_dim, dtype, "sm_90a", tile, False, stage_rows)
     except Exception as e:  # a variant that does not build is reported, not fatal
         return job, repr(e)[:200]
     return job
@@ -64,8 +65,8 @@ def main() -> None:
 
     dt = getattr(torch, args.dtype)
     lines = [
-        "| shape | window | tile (bm, bn, thr, stages, CTAs/SM) | us | err vs row 1 |",
-        "|---|---|---|---:|---:|",
+        "| shape | window | tile (bm, bn, thr, stages, CTAs/SM) | lse/delta staged | us | err vs row 1 |",
+        "|---|---|---|---|---:|---:|",
     ]
     for sh in shapes:
         b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
@@ -77,11 +78,11 @@ def main() -> None:
         win, kt = swattn._placeholders(q.device)
         grads = [torch.empty(x.shape, device="cuda", dtype=torch.float32) for x in (q, k, v)]
         base = None
-        for tile in VARIANTS:
+        for tile, stage_rows in VARIANTS:
             try:
-                kern = backward.compiled_backward(d, args.dtype, "sm_90a", tile)
+                kern = backward.compiled_backward(d, args.dtype, "sm_90a", tile, False, stage_rows)
             except Exception as e:
-                print(tile, "failed:", repr(e)[:200])
+                print(tile, stage_rows, "failed:", repr(e)[:200])
                 continue
 
             launch = (q, k, v, do, lse, delta, *grads, win, kt, left, right, 0, hk, s, s, 1)
@@ -95,7 +96,8 @@ def main() -> None:
             err = max(ref.rel_err(x, y) for x, y in zip(got, base, strict=True))
             us = do_bench(call, warmup=20, rep=200, return_mode="median") * 1e3
             shape = f"{b},{hq},{hk},{s},{d} | ({left},{right})"
-            lines.append(f"| {shape} | {tile or backward.tile_config(d, 'sm_90a')} | {us:.1f} | {err:.1e} |")
+            tile = tile or backward.tile_config(d, "sm_90a")
+            lines.append(f"| {shape} | {tile} | {stage_rows} | {us:.1f} | {err:.1e} |")
             print(lines[-1], flush=True)
     print("\n".join(lines))
 
