@@ -139,9 +139,8 @@ def make_backward(
             dk = T.alloc_fragment((block_n, head_dim), accum)
             dv = T.alloc_fragment((block_n, head_dim), accum)
             dq = T.alloc_fragment((block_m, head_dim), accum)
-            if stage_rows:
-                lse_s = T.alloc_shared((block_m,), accum)
-                delta_s = T.alloc_shared((block_m,), accum)
+            lse_s = T.alloc_shared((block_m,), accum)  # used with stage_rows only
+            delta_s = T.alloc_shared((block_m,), accum)
 
             group = q_heads // kv_heads
             # Keys and queries that exist in this head class (dilation pads classes).
