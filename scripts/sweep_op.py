@@ -36,6 +36,12 @@ VARIANTS = [
     ((64, 64, 128, 2, 4), "window", "ws", True),
     ((64, 64, 128, 3, 4), "window", "ws", True),
     ((64, 128, 128, 2, 3), "window", "ws", True),
+    # D = 128 at two CTAs per SM: two independent 64-row CTAs interleave their
+    # softmax and tensor-core phases (FA3's ping-pong, left to the scheduler).
+    # Shared memory bounds the stages: 64x128 K/V tiles fit two CTAs at one stage.
+    ((64, 64, 128, 2, 2), "window", "ws", True),
+    ((64, 64, 128, 3, 2), "window", "ws", True),
+    ((64, 128, 128, 1, 2), "window", "ws", True),
 ]
 
 
