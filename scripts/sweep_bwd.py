@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from sweep_common import bench_shapes, compile_all, random_qkv  # noqa: E402  (scripts/ is on sys.path as the script's folder)
+from sweep_common import bench_shapes, compile_all, random_qkv, shape_label, time_us  # noqa: E402  (scripts/ is on sys.path as the script's folder)
 
 # ((block_m, block_n, threads, num_stages, CTAs per SM) or None = backward.TILES,
 # stage lse/delta in shared memory)
@@ -57,7 +57,6 @@ def main() -> None:
     compile_all(_compile, list(dict.fromkeys((sh["head_dim"], args.dtype, v) for sh in shapes for v in VARIANTS)))
 
     import torch
-    from triton.testing import do_bench
 
     import backward
     import reference as ref
@@ -69,8 +68,7 @@ def main() -> None:
         "|---|---|---|---|---:|---:|",
     ]
     for sh in shapes:
-        b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
-        left, right = sh["left"], sh["right"]
+        s, hk, d, left, right = sh["seq"], sh["kv_heads"], sh["head_dim"], sh["left"], sh["right"]
         q, k, v = random_qkv(sh, dt)
         do = torch.randn_like(q)
         out, lse = swattn.sliding_window_attention(q, k, v, (left, right), return_lse=True)
@@ -94,10 +92,9 @@ def main() -> None:
             got = [g.clone() for g in grads]
             base = got if base is None else base
             err = max(ref.rel_err(x, y) for x, y in zip(got, base, strict=True))
-            us = do_bench(call, warmup=20, rep=200, return_mode="median") * 1e3
-            shape = f"{b},{hq},{hk},{s},{d} | ({left},{right})"
+            us = time_us(call, warmup=20)
             tile = tile or backward.tile_config(d, "sm_90a")
-            lines.append(f"| {shape} | {tile} | {stage_rows} | {us:.1f} | {err:.1e} |")
+            lines.append(f"| {shape_label(sh)} | {tile} | {stage_rows} | {us:.1f} | {err:.1e} |")
             print(lines[-1], flush=True)
     print("\n".join(lines))
 

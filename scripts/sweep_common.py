@@ -33,3 +33,15 @@ def random_qkv(sh: dict, dtype):
     q = torch.randn(b, s, sh["q_heads"], d, device="cuda", dtype=dtype)
     k, v = (torch.randn(b, s, sh["kv_heads"], d, device="cuda", dtype=dtype) for _ in range(2))
     return q, k, v
+
+
+def shape_label(sh: dict) -> str:
+    """The table's first two columns for a bench shape."""
+    return f"{sh['batch']},{sh['q_heads']},{sh['kv_heads']},{sh['seq']},{sh['head_dim']} | ({sh['left']},{sh['right']})"
+
+
+def time_us(call, warmup: int = 50) -> float:
+    """Median of triton's do_bench, in microseconds."""
+    from triton.testing import do_bench
+
+    return do_bench(call, warmup=warmup, rep=200, return_mode="median") * 1e3

@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from sweep_common import bench_shapes, compile_all, random_qkv  # noqa: E402  (scripts/ is on sys.path as the script's folder)
+from sweep_common import bench_shapes, compile_all, random_qkv, shape_label, time_us  # noqa: E402  (scripts/ is on sys.path as the script's folder)
 
 # (block_m, block_n, threads, num_stages, CTAs per SM) or None for swattn.TILES;
 # kernel mode; loop schedule: "ws" TileLang's warp-specialized TMA pipeline,
@@ -79,7 +79,6 @@ def main() -> None:
     compile_all(_compile, list(dict.fromkeys((sh["head_dim"], args.dtype, *v) for sh in shapes for v in variants)))
 
     import torch
-    from triton.testing import do_bench
 
     import reference as ref
     import swattn
@@ -109,10 +108,9 @@ def main() -> None:
             call()
             base = out.clone() if base is None else base
             err = ref.rel_err(out, base)
-            us = do_bench(call, warmup=50, rep=200, return_mode="median") * 1e3
-            shape = f"{b},{hq},{hk},{s},{d} | ({sh['left']},{sh['right']})"
+            us = time_us(call)
             tile = tile or swattn.tile_config(d, "sm_90a")
-            lines.append(f"| {shape} | {tile} | {mode} | {schedule} | {skip} | {us:.1f} | {err:.1e} |")
+            lines.append(f"| {shape_label(sh)} | {tile} | {mode} | {schedule} | {skip} | {us:.1f} | {err:.1e} |")
             print(lines[-1], flush=True)
     print("\n".join(lines))
 
