@@ -105,6 +105,29 @@ def test_key_tile_schedule_matches_brute_force(block_m, block_n):
             assert set(visited) == needed, (seq_len, left, right, g, qt)
 
 
+@pytest.mark.parametrize("block_m,block_n", [(64, 64), (128, 64), (64, 128)])
+def test_full_tile_test_matches_brute_force(block_m, block_n):
+    """The kernels skip the mask on a tile that ``tile_fully_visible`` calls full:
+    it must never call a tile with a hidden pair full (window mode: exactly the
+    full tiles; with global tokens it may miss some, which only costs a mask)."""
+    # Windows, lengths and global counts around the tile boundaries, where an off-by-one shows.
+    near = [*range(60, 68), *range(124, 132)]
+    windows = [(w, w) for w in near] + [(w, 0) for w in near] + [(0, w) for w in near] + [(600, 600)]
+    grid = itertools.product([129, 191, 193], windows, [0, 63, 64, 127])
+    for seq_len, (left, right), g in grid:
+        mask = ref.local_mask(seq_len, left, right, global_tokens=g)
+        for q0, k0 in itertools.product(range(0, seq_len, block_m), range(0, seq_len, block_n)):
+            block = mask[q0 : q0 + block_m, k0 : k0 + block_n]
+            whole = block.shape[1] == block_n and bool(block.all())  # rows past the end are padding: never written
+            for general in (False, True):
+                if g and not general:
+                    continue
+                full = bool(swattn.tile_fully_visible(q0, k0, block_m, block_n, seq_len, left, right, g, general))
+                assert not full or whole, (seq_len, left, right, g, q0, k0)
+                if not g:
+                    assert full == whole or block.shape[0] < block_m, (seq_len, left, right, q0, k0)
+
+
 @pytest.mark.parametrize("block_m,block_n", [(64, 64), (128, 64), (128, 128)])
 def test_adaptive_schedule_covers_every_needed_tile(block_m, block_n):
     """Per-row windows: the tiles a query tile visits hold every key one of its
