@@ -5,6 +5,10 @@
 #   course  the course kit on the GPU (the grader compiles many kernels: minutes)
 #   bench   make run, make bench, bench_op.py forward and forward+backward
 #   train   train.py (kernel vs SDPA + mask, same seed) and the overhead probe
+#   sweeps  the open tile questions: backward lse/delta staging, D=128 at two CTAs/SM
+#   sp      (two GPUs) the NCCL test and the 1-vs-2-GPU scaling table
+# bench_op.py adds a FlashAttention-4 column when flash_attn.cute imports (/tmp/fa4
+# on PYTHONPATH after tilelang's site: bench_op.py's docstring).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
@@ -29,6 +33,15 @@ bench)
 train)
   python3 train.py --out "$OUT" 2>&1 | grep -v INFO | tee "$OUT/train.log"
   python3 scripts/probe_overhead.py 2>&1 | grep "^|" | tee "$OUT/probe.log"
+  ;;
+sweeps)
+  python3 scripts/sweep_bwd.py --shapes 0 1 3 2>&1 | grep -v INFO | tee "$OUT/sweep_bwd.log" | grep "^|"
+  python3 scripts/sweep_op.py --shapes 3 4 --variants 1 14 15 16 2>&1 | grep -v INFO | tee "$OUT/sweep_op.log" | grep "^|"
+  ;;
+sp)
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+  timeout 200 python3 -m pytest tests/test_distributed.py -m gpu -p no:cacheprovider -q 2>&1 | tee "$OUT/dist_gpu.log" | tail -2
+  python3 scripts/scale_sp.py --seqs 65536 131072 262144 --gpus 1 2 2>&1 | grep -v INFO | tee "$OUT/scale_sp.log" | tail -14
   ;;
 esac
 cp configs/gpus.json "$OUT/" 2>/dev/null || true
