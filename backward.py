@@ -79,6 +79,7 @@ def make_backward(
     tile: tuple | None = None,
     adaptive: bool = False,
     stage_rows: bool = False,
+    dq_tma: bool = False,
 ):
     """dQ, dK, dV (float32; dQ accumulated atomically) for the window (left, right).
 
@@ -92,7 +93,10 @@ def make_backward(
     ``stage_rows``: read each query tile's lse and delta once into shared memory
     (by the consumers: TMA cannot take them, see the module docstring) instead of
     once per score element from global memory. Off until measured
-    (scripts/sweep_bwd.py)."""
+    (scripts/sweep_bwd.py). ``dq_tma`` (Hopper): add each dQ tile through shared
+    memory with one TMA reduce-add (cp.reduce.async.bulk, clipped at the
+    sequence end by the hardware) instead of one float32 atomic per element
+    pair; 16 KB more shared memory per CTA at D = 64. Off until measured."""
     block_m, block_n, threads, num_stages, occupancy = tile or tile_config(head_dim, arch)
     accum = "float32"
     batch, seq_len, kv_len = T.dynamic("batch"), T.dynamic("seq_len"), T.dynamic("kv_len")
@@ -139,6 +143,7 @@ def make_backward(
             dk = T.alloc_fragment((block_n, head_dim), accum)
             dv = T.alloc_fragment((block_n, head_dim), accum)
             dq = T.alloc_fragment((block_m, head_dim), accum)
+            dq_s = T.alloc_shared((block_m, head_dim), accum)  # used with dq_tma only
             lse_s = T.alloc_shared((block_m,), accum)  # used with stage_rows only
             delta_s = T.alloc_shared((block_m,), accum)
 
@@ -214,9 +219,13 @@ def make_backward(
                 T.copy(pt_cast, ds_s)
                 T.fill(dq, 0)
                 T.gemm(ds_s, k_s, dq, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
-                for i, d in T.Parallel(block_m, head_dim):
-                    if qt * block_m + i < seq_len:
-                        T.atomic_add(dQ[b, qt * block_m + i, qh, d], dq[i, d])
+                if dq_tma:
+                    T.copy(dq, dq_s)
+                    T.atomic_add(dQ[b, qt * block_m : (qt + 1) * block_m, qh, :], dq_s, annotations={"use_tma": 1})
+                else:
+                    for i, d in T.Parallel(block_m, head_dim):
+                        if qt * block_m + i < seq_len:
+                            T.atomic_add(dQ[b, qt * block_m + i, qh, d], dq[i, d])
             for j, d in T.Parallel(block_n, head_dim):
                 if bx * block_n + j < kv_len:
                     dK[b, bx * block_n + j, kvh, d] = dk[j, d]
@@ -232,10 +241,16 @@ def compiled_preprocess(head_dim: int, dtype: str, arch: str):
 
 @functools.cache
 def compiled_backward(
-    head_dim: int, dtype: str, arch: str, tile: tuple | None = None, adaptive: bool = False, stage_rows: bool = False
+    head_dim: int,
+    dtype: str,
+    arch: str,
+    tile: tuple | None = None,
+    adaptive: bool = False,
+    stage_rows: bool = False,
+    dq_tma: bool = False,
 ):
     return tilelang.compile(
-        make_backward(head_dim, dtype, arch, tile, adaptive, stage_rows),
+        make_backward(head_dim, dtype, arch, tile, adaptive, stage_rows, dq_tma),
         target={"kind": "cuda", "arch": arch},
         pass_configs={"tl.enable_fast_math": True},
     )

@@ -22,22 +22,24 @@ sys.path.insert(0, str(ROOT))
 from sweep_common import bench_shapes, compile_all, random_qkv, shape_label, time_us  # noqa: E402  (scripts/ is on sys.path as the script's folder)
 
 # ((block_m, block_n, threads, num_stages, CTAs per SM) or None = backward.TILES,
-# stage lse/delta in shared memory)
+# stage lse/delta in shared memory, dQ by TMA reduce-add)
 VARIANTS = [
-    (None, False),
-    (None, True),
-    ((64, 64, 128, 2, 1), False),
-    ((64, 64, 128, 2, 3), False),
-    ((64, 64, 128, 3, 2), True),
+    (None, False, False),
+    (None, True, False),
+    (None, False, True),
+    (None, True, True),
+    ((64, 64, 128, 2, 1), False, False),
+    ((64, 64, 128, 2, 1), True, True),
+    ((64, 64, 128, 3, 2), True, False),
 ]
 
 
 def _compile(job):
     import backward
 
-    head_dim, dtype, (tile, stage_rows) = job
+    head_dim, dtype, (tile, stage_rows, dq_tma) = job
     try:
-        backward.compiled_backward(head_dim, dtype, "sm_90a", tile, False, stage_rows)
+        backward.compiled_backward(head_dim, dtype, "sm_90a", tile, False, stage_rows, dq_tma)
     except Exception as e:  # a variant that does not build is reported, not fatal
         return job, repr(e)[:200]
     return job
@@ -64,8 +66,8 @@ def main() -> None:
 
     dt = getattr(torch, args.dtype)
     lines = [
-        "| shape | window | tile (bm, bn, thr, stages, CTAs/SM) | lse/delta staged | us | err vs row 1 |",
-        "|---|---|---|---|---:|---:|",
+        "| shape | window | tile (bm, bn, thr, stages, CTAs/SM) | lse/delta staged | dQ by TMA | us | err vs row 1 |",
+        "|---|---|---|---|---|---:|---:|",
     ]
     for sh in shapes:
         s, hk, d, left, right = sh["seq"], sh["kv_heads"], sh["head_dim"], sh["left"], sh["right"]
@@ -76,11 +78,11 @@ def main() -> None:
         win, kt = swattn._placeholders(q.device)
         grads = [torch.empty(x.shape, device="cuda", dtype=torch.float32) for x in (q, k, v)]
         base = None
-        for tile, stage_rows in VARIANTS:
+        for tile, stage_rows, dq_tma in VARIANTS:
             try:
-                kern = backward.compiled_backward(d, args.dtype, "sm_90a", tile, False, stage_rows)
+                kern = backward.compiled_backward(d, args.dtype, "sm_90a", tile, False, stage_rows, dq_tma)
             except Exception as e:
-                print(tile, stage_rows, "failed:", repr(e)[:200])
+                print(tile, stage_rows, dq_tma, "failed:", repr(e)[:200])
                 continue
 
             launch = (q, k, v, do, lse, delta, *grads, win, kt, left, right, 0, hk, s, s, 1)
@@ -94,7 +96,7 @@ def main() -> None:
             err = max(ref.rel_err(x, y) for x, y in zip(got, base, strict=True))
             us = time_us(call, warmup=20)
             tile = tile or backward.tile_config(d, "sm_90a")
-            lines.append(f"| {shape_label(sh)} | {tile} | {stage_rows} | {us:.1f} | {err:.1e} |")
+            lines.append(f"| {shape_label(sh)} | {tile} | {stage_rows} | {dq_tma} | {us:.1f} | {err:.1e} |")
             print(lines[-1], flush=True)
     print("\n".join(lines))
 
