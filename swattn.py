@@ -223,18 +223,17 @@ def make_forward(
                         s[i, j] = T.if_then_else(
                             visible(qi, kj, valid, row_left[i], row_right[i], n_global), 0, neg_inf
                         )
-                elif skip_full_masks:
+                else:
                     q0, k0 = bx * block_m, tile_of(it, n_g, lo) * block_n
-                    if tile_fully_visible(q0, k0, block_m, block_n, valid, left, right, n_glob, general):
+                    full = skip_full_masks and tile_fully_visible(
+                        q0, k0, block_m, block_n, valid, left, right, n_glob, general
+                    )
+                    if full:
                         T.clear(s)
                     else:
                         for i, j in T.Parallel(block_m, block_n):
-                            qi, kj = bx * block_m + i, tile_of(it, n_g, lo) * block_n + j
+                            qi, kj = q0 + i, k0 + j
                             s[i, j] = T.if_then_else(visible(qi, kj, valid, left, right, n_global), 0, neg_inf)
-                else:
-                    for i, j in T.Parallel(block_m, block_n):
-                        qi, kj = bx * block_m + i, tile_of(it, n_g, lo) * block_n + j
-                        s[i, j] = T.if_then_else(visible(qi, kj, valid, left, right, n_global), 0, neg_inf)
                 T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
 
                 T.copy(m, m_prev)
