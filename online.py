@@ -114,9 +114,7 @@ def block_attention_backward(
         shift, span = q_offset - k_offset, sq + sk
         lo, hi = max(min(left - shift, span), -span), max(min(right + shift, span), -span)
         q, k, v = (x.contiguous() for x in (q, k, v))
-        return backward.attention_backward(
-            dout, q, k, v, None, lse, lo, hi, sk, 1, hk, true_q_len=sq, delta=delta
-        )
+        return backward.attention_backward(dout, q, k, v, None, lse, lo, hi, sk, 1, hk, true_q_len=sq, delta=delta)
     mask = block_mask(q_offset, sq, k_offset, sk, left, right, global_tokens, device=q.device)
     return masked_backward(dout, q, k, v, lse, delta, mask, scale)
 
