@@ -12,9 +12,10 @@ Three steps, no O(N^2) buffer anywhere:
      with left and right swapped), for every query head of its GQA group. It
      recomputes P = exp(S - lse) from the forward's log-sum-exp, accumulates dK
      and dV in registers (summed over the group: K/V are never repeated), and
-     atomically adds each tile's dQ into a float32 buffer. lse and delta are read
-     per element, not by TMA: a (batch, heads, seq) float32 row stride is a
-     multiple of 16 bytes only when seq is a multiple of 4, and TMA needs that.
+     adds each tile's dQ into a float32 buffer (atomics, or one TMA reduce-add per
+     tile). lse and delta are staged per query tile by the threads, not by TMA:
+     a (batch, heads, seq) float32 row stride is a multiple of 16 bytes only when
+     seq is a multiple of 4, and TMA needs that.
   3. dQ is cast to the input dtype (the launcher's ``.to``).
 """
 
@@ -29,18 +30,12 @@ import tvm.tirx as tir  # tvm ships inside tilelang; importable once tilelang is
 
 import swattn
 
-TILES = {
-    # (block_m query rows, block_n keys, threads, num_stages, CTAs per SM) per
-    # head_dim (scripts/sweep_bwd.py). The backward holds dK, dV and a dQ tile in
-    # registers besides two score tiles. Two CTAs per SM: 1.4-1.6x faster than one
-    # (one left the SM idle on memory, as in the forward); three does not build at D=128.
-    "sm_90a": {64: (64, 64, 128, 2, 2), 128: (64, 64, 128, 2, 2)},
-    "sm_80": {64: (64, 64, 128, 1, 1), 128: (64, 64, 128, 1, 1)},
-}
+# (block_m, block_n, threads, num_stages, CTAs per SM, dQ by TMA): configs/op_tiles.json.
+TILE_FIELDS = swattn.TILE_FIELDS + ("dq_tma",)
 
 
-def tile_config(head_dim: int, arch: str) -> tuple[int, int, int, int, int]:
-    return TILES["sm_90a" if arch.startswith("sm_9") else "sm_80"][head_dim]
+def tile_config(head_dim: int, arch: str) -> tuple:
+    return swattn.tile_config(head_dim, arch, "backward", TILE_FIELDS)
 
 
 @functools.cache
@@ -78,8 +73,6 @@ def make_backward(
     arch: str = "sm_90a",
     tile: tuple | None = None,
     adaptive: bool = False,
-    stage_rows: bool = False,
-    dq_tma: bool = False,
 ):
     """dQ, dK, dV (float32; dQ accumulated atomically) for the window (left, right).
 
@@ -90,14 +83,17 @@ def make_backward(
     from WIN (heads, seq, 2) and each (kv head, key tile) its query tiles from
     KT (``swattn.adaptive_key_side_schedule``, merged over the GQA group); the
     scalars left, right are then unused, as WIN and KT are otherwise.
-    ``stage_rows``: read each query tile's lse and delta once into shared memory
-    (by the consumers: TMA cannot take them, see the module docstring) instead of
-    once per score element from global memory. Off until measured
-    (scripts/sweep_bwd.py). ``dq_tma`` (Hopper): add each dQ tile through shared
-    memory with one TMA reduce-add (cp.reduce.async.bulk, clipped at the
-    sequence end by the hardware) instead of one float32 atomic per element
-    pair; 16 KB more shared memory per CTA at D = 64. Off until measured."""
-    block_m, block_n, threads, num_stages, occupancy = tile or tile_config(head_dim, arch)
+    ``tile`` = (block_m, block_n, threads, num_stages, occupancy, dq_tma),
+    default ``tile_config`` (configs/op_tiles.json, from scripts/sweep_bwd.py).
+    Two CTAs per SM (the forward's register split): 1.4-1.6x faster than one.
+    Each query tile's lse and delta are staged once in shared memory (by the
+    consumers: TMA cannot take them, see the module docstring), not read once per
+    score element: 8-18 % faster (analysis.md). ``dq_tma`` (Hopper): add each dQ
+    tile through shared memory with one TMA reduce-add (cp.reduce.async.bulk,
+    clipped at the sequence end by the hardware) instead of one float32 atomic
+    per element: 1.1x at D = 64; at D = 128 its 32 KB of shared memory cost the
+    second CTA per SM (1.3x slower), so it is off there."""
+    block_m, block_n, threads, num_stages, occupancy, dq_tma = tile or tile_config(head_dim, arch)
     accum = "float32"
     batch, seq_len, kv_len = T.dynamic("batch"), T.dynamic("seq_len"), T.dynamic("kv_len")
     q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
@@ -144,7 +140,7 @@ def make_backward(
             dv = T.alloc_fragment((block_n, head_dim), accum)
             dq = T.alloc_fragment((block_m, head_dim), accum)
             dq_s = T.alloc_shared((block_m, head_dim), accum)  # used with dq_tma only
-            lse_s = T.alloc_shared((block_m,), accum)  # used with stage_rows only
+            lse_s = T.alloc_shared((block_m,), accum)
             delta_s = T.alloc_shared((block_m,), accum)
 
             group = q_heads // kv_heads
@@ -173,11 +169,11 @@ def make_backward(
                 qt = swattn.tile_of(it % n_q, n_g, lo)
                 T.copy(Q[b, qt * block_m : (qt + 1) * block_m, qh, :], q_s)
                 T.copy(dO[b, qt * block_m : (qt + 1) * block_m, qh, :], do_s)
-                if stage_rows:
-                    for i in T.Parallel(block_m):
-                        inside = qt * block_m + i < seq_len
-                        lse_s[i] = T.if_then_else(inside, LSE[b, qh, T.min(qt * block_m + i, seq_len - 1)], 0)
-                        delta_s[i] = T.if_then_else(inside, Delta[b, qh, T.min(qt * block_m + i, seq_len - 1)], 0)
+                # Rows past the end read 0 (their scores are masked below).
+                for i in T.Parallel(block_m):
+                    inside = qt * block_m + i < seq_len
+                    lse_s[i] = T.if_then_else(inside, LSE[b, qh, T.min(qt * block_m + i, seq_len - 1)], 0)
+                    delta_s[i] = T.if_then_else(inside, Delta[b, qh, T.min(qt * block_m + i, seq_len - 1)], 0)
                 T.fill(st, 0)
                 T.gemm(k_s, q_s, st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 # A tile inside the window (and inside both sequences): P without the
@@ -190,8 +186,7 @@ def make_backward(
                 )
                 if full:
                     for j, i in T.Parallel(block_n, block_m):
-                        lse = lse_s[i] if stage_rows else LSE[b, qh, qt * block_m + i]
-                        st[j, i] = T.exp2(st[j, i] * scale_log2 - lse * swattn.LOG2E)
+                        st[j, i] = T.exp2(st[j, i] * scale_log2 - lse_s[i] * swattn.LOG2E)
                 else:
                     for j, i in T.Parallel(block_n, block_m):
                         kj = bx * block_n + j
@@ -204,16 +199,13 @@ def make_backward(
                         seen = tir.all(kj < k_valid, qi < q_valid, tir.any(in_window, kj < n_global, qi < n_global))
                         # Masked and out-of-range pairs are 0 by selection, never by
                         # multiplying: rows past the end may hold anything.
-                        lse = lse_s[i] if stage_rows else T.if_then_else(qi < seq_len, LSE[b, qh, qi], 0)
-                        st[j, i] = T.if_then_else(seen, T.exp2(st[j, i] * scale_log2 - lse * swattn.LOG2E), 0)
+                        st[j, i] = T.if_then_else(seen, T.exp2(st[j, i] * scale_log2 - lse_s[i] * swattn.LOG2E), 0)
                 T.fill(dpt, 0)
                 T.gemm(v_s, do_s, dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 T.copy(st, pt_cast)
                 T.gemm(pt_cast, do_s, dv, policy=T.GemmWarpPolicy.FullRow)
                 for j, i in T.Parallel(block_n, block_m):
-                    qi = qt * block_m + i
-                    delta = delta_s[i] if stage_rows else T.if_then_else(qi < seq_len, Delta[b, qh, qi], 0)
-                    dpt[j, i] = T.if_then_else(st[j, i] > 0, st[j, i] * (dpt[j, i] - delta) * sm_scale, 0)
+                    dpt[j, i] = T.if_then_else(st[j, i] > 0, st[j, i] * (dpt[j, i] - delta_s[i]) * sm_scale, 0)
                 T.copy(dpt, pt_cast)
                 T.gemm(pt_cast, q_s, dk, policy=T.GemmWarpPolicy.FullRow)
                 T.copy(pt_cast, ds_s)
@@ -246,11 +238,9 @@ def compiled_backward(
     arch: str,
     tile: tuple | None = None,
     adaptive: bool = False,
-    stage_rows: bool = False,
-    dq_tma: bool = False,
 ):
     return tilelang.compile(
-        make_backward(head_dim, dtype, arch, tile, adaptive, stage_rows, dq_tma),
+        make_backward(head_dim, dtype, arch, tile, adaptive),
         target={"kind": "cuda", "arch": arch},
         pass_configs={"tl.enable_fast_math": True},
     )

@@ -36,7 +36,9 @@ checked only. Still 1.1-1.4x slower than FlexAttention (analysis.md).
 # No `from __future__ import annotations`: TileLang evaluates the prim_func
 # annotations, and the dynamic sizes used only there must stay real objects.
 import functools
+import json
 import math
+from pathlib import Path
 
 import tilelang
 import tilelang.language as T
@@ -49,21 +51,17 @@ MODES = ("window", "general", "adaptive")
 HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-TILES = {
-    # (block_m, block_n, threads, num_stages, CTAs per SM) per head_dim, from
-    # scripts/sweep_op.py on an H100 (analysis.md). D=64: 64x64 tiles, four CTAs
-    # per SM (one per SM left the SM idle on memory: 1.8-2.3x slower; four beat
-    # 128x64 at two by 6-20%). D=128: 128x128, one CTA (128x64 at two CTAs does
-    # not fit the registers).
-    # Ampere's cp.async pipeline in TileLang 0.1.15 only lowers this loop form
-    # with one stage; no warp specialization there, so no register split either.
-    "sm_90a": {64: (64, 64, 128, 2, 4), 128: (128, 128, 256, 2, 1)},
-    "sm_80": {64: (64, 64, 128, 1, 1), 128: (64, 64, 128, 1, 1)},
-}
+# Tiles per (arch, head_dim) for the forward and the backward: data, chosen by
+# scripts/sweep_op.py and scripts/sweep_bwd.py on the GPU (configs/op_tiles.json
+# says what each field means; analysis.md has the measurements behind them).
+OP_TILES = json.loads((Path(__file__).resolve().parent / "configs" / "op_tiles.json").read_text())
+TILE_FIELDS = ("block_m", "block_n", "threads", "num_stages", "occupancy")
 
 
-def tile_config(head_dim: int, arch: str) -> tuple[int, int, int, int, int]:
-    return TILES["sm_90a" if arch.startswith("sm_9") else "sm_80"][head_dim]
+def tile_config(head_dim: int, arch: str, kind: str = "forward", fields: tuple = TILE_FIELDS) -> tuple:
+    """The shipped tile of ``kind`` ("forward" or "backward") as a tuple of ``fields``."""
+    entry = OP_TILES[kind]["sm_90a" if arch.startswith("sm_9") else "sm_80"][str(head_dim)]
+    return tuple(entry[f] for f in fields)
 
 
 def key_tile_schedule(
