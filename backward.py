@@ -142,6 +142,10 @@ def make_backward(
             dq_s = T.alloc_shared((block_m, head_dim), accum)  # used with dq_tma only
             lse_s = T.alloc_shared((block_m,), accum)
             delta_s = T.alloc_shared((block_m,), accum)
+            # The keys each query row of the tile sees, as ranges (swattn.row_keys).
+            first_s = T.alloc_shared((block_m,), "int32")
+            count_s = T.alloc_shared((block_m,), "int32")
+            glob_s = T.alloc_shared((block_m,), "int32")
 
             group = q_heads // kv_heads
             # Keys and queries that exist in this head class (dilation pads classes).
@@ -169,11 +173,23 @@ def make_backward(
                 qt = swattn.tile_of(it % n_q, n_g, lo)
                 T.copy(Q[b, qt * block_m : (qt + 1) * block_m, qh, :], q_s)
                 T.copy(dO[b, qt * block_m : (qt + 1) * block_m, qh, :], do_s)
-                # Rows past the end read 0 (their scores are masked below).
+                # Per query row, once per tile: lse, delta (0 past the end, where the
+                # mask hides the row) and the keys the row sees.
                 for i in T.Parallel(block_m):
-                    inside = qt * block_m + i < seq_len
-                    lse_s[i] = T.if_then_else(inside, LSE[b, qh, T.min(qt * block_m + i, seq_len - 1)], 0)
-                    delta_s[i] = T.if_then_else(inside, Delta[b, qh, T.min(qt * block_m + i, seq_len - 1)], 0)
+                    qi = qt * block_m + i
+                    row = T.min(qi, seq_len - 1)
+                    lse_s[i] = T.if_then_else(qi < seq_len, LSE[b, qh, row], 0)
+                    delta_s[i] = T.if_then_else(qi < seq_len, Delta[b, qh, row], 0)
+                    if adaptive:
+                        row_left, row_right = WIN[qh, row, 0], WIN[qh, row, 1]
+                    else:
+                        row_left, row_right = left, right
+                    first, count, glob = swattn.row_keys(
+                        qi, k_valid, row_left, row_right, n_global, q_valid, T.max, T.min
+                    )
+                    first_s[i] = first
+                    count_s[i] = count
+                    glob_s[i] = glob
                 T.fill(st, 0)
                 T.gemm(k_s, q_s, st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 # A tile inside the window (and inside both sequences): P without the
@@ -189,17 +205,11 @@ def make_backward(
                         st[j, i] = T.exp2(st[j, i] * scale_log2 - lse_s[i] * swattn.LOG2E)
                 else:
                     for j, i in T.Parallel(block_n, block_m):
-                        kj = bx * block_n + j
-                        qi = qt * block_m + i
-                        if adaptive:
-                            row = T.min(qi, seq_len - 1)
-                            in_window = tir.all(kj >= qi - WIN[qh, row, 0], kj <= qi + WIN[qh, row, 1])
-                        else:
-                            in_window = tir.all(kj >= qi - left, kj <= qi + right)
-                        seen = tir.all(kj < k_valid, qi < q_valid, tir.any(in_window, kj < n_global, qi < n_global))
+                        seen = swattn.row_sees(bx * block_n + j, first_s[i], count_s[i], glob_s[i])
                         # Masked and out-of-range pairs are 0 by selection, never by
                         # multiplying: rows past the end may hold anything.
-                        st[j, i] = T.if_then_else(seen, T.exp2(st[j, i] * scale_log2 - lse_s[i] * swattn.LOG2E), 0)
+                        p = T.exp2(st[j, i] * scale_log2 - lse_s[i] * swattn.LOG2E)
+                        st[j, i] = T.Select(seen, p, T.float32(0))
                 T.fill(dpt, 0)
                 T.gemm(v_s, do_s, dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 T.copy(st, pt_cast)

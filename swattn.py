@@ -152,12 +152,6 @@ def make_forward(
         rounded up. Keys past that are the launcher's padding: never visible."""
         return class_len(true_seq_len, qh // heads_per_class, dilation) if general else true_seq_len
 
-    def visible(qi, kj, valid, left, right, n_global):
-        in_window = tir.all(kj >= qi - left, kj <= qi + right)
-        if not general:
-            return tir.all(kj < valid, in_window)
-        return tir.all(kj < valid, tir.any(in_window, kj < n_global, qi < n_global))
-
     @T.prim_func
     def forward(
         Q: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
@@ -203,35 +197,42 @@ def make_forward(
             T.fill(l, 0)
             T.fill(m, neg_inf)
 
+            # The keys each row sees, as ranges (``row_keys``), once per CTA: the
+            # per-element mask below is then one unsigned compare (and one more for
+            # global keys). Adaptive windows: each row's own (left, right), and the
+            # tile's key range precomputed by the launcher.
+            row_first = T.alloc_fragment((block_m,), "int32")
+            row_count = T.alloc_fragment((block_m,), "int32")
+            row_glob = T.alloc_fragment((block_m,), "int32") if general else None
+            for i in T.Parallel(block_m):
+                qi = bx * block_m + i
+                if adaptive:
+                    row_left, row_right = WIN[qh, T.min(qi, seq_len - 1), 0], WIN[qh, T.min(qi, seq_len - 1), 1]
+                else:
+                    row_left, row_right = left, right
+                first, count, glob = row_keys(qi, valid, row_left, row_right, n_glob, None, T.max, T.min)
+                row_first[i] = first
+                row_count[i] = count
+                if general:
+                    row_glob[i] = glob
             if adaptive:
-                # Each row's own (left, right); the tile's key range, precomputed.
-                row_left = T.alloc_fragment((block_m,), "int32")
-                row_right = T.alloc_fragment((block_m,), "int32")
-                for i in T.Parallel(block_m):
-                    row_left[i] = WIN[qh, T.min(bx * block_m + i, seq_len - 1), 0]
-                    row_right[i] = WIN[qh, T.min(bx * block_m + i, seq_len - 1), 1]
                 n_g, lo, hi = KT[qh, bx, 0], KT[qh, bx, 1], KT[qh, bx, 2]
             else:
                 n_g, lo, hi = key_tile_schedule(bx, valid, left, right, n_glob, block_m, block_n, T.max, T.min)
             for it in T.Pipelined(n_g + hi - lo, num_stages=num_stages):
                 T.copy(K[b, tile_of(it, n_g, lo) * block_n : (tile_of(it, n_g, lo) + 1) * block_n, kvh, :], k_s)
-                if adaptive:  # rows with windows of their own: always the per-element mask
-                    for i, j in T.Parallel(block_m, block_n):
-                        qi, kj = bx * block_m + i, tile_of(it, n_g, lo) * block_n + j
-                        s[i, j] = T.if_then_else(
-                            visible(qi, kj, valid, row_left[i], row_right[i], n_global), 0, neg_inf
-                        )
+                k0 = tile_of(it, n_g, lo) * block_n
+                # A key tile that every row sees whole (the window's interior) clears S
+                # instead; adaptive rows always take the mask.
+                full = False
+                if skip_full_masks and not adaptive:
+                    full = tile_fully_visible(bx * block_m, k0, block_m, block_n, valid, left, right, n_glob, general)
+                if full:
+                    T.clear(s)
                 else:
-                    q0, k0 = bx * block_m, tile_of(it, n_g, lo) * block_n
-                    full = skip_full_masks and tile_fully_visible(
-                        q0, k0, block_m, block_n, valid, left, right, n_glob, general
-                    )
-                    if full:
-                        T.clear(s)
-                    else:
-                        for i, j in T.Parallel(block_m, block_n):
-                            qi, kj = q0 + i, k0 + j
-                            s[i, j] = T.if_then_else(visible(qi, kj, valid, left, right, n_global), 0, neg_inf)
+                    for i, j in T.Parallel(block_m, block_n):
+                        seen = row_sees(k0 + j, row_first[i], row_count[i], row_glob[i] if general else None)
+                        s[i, j] = T.Select(seen, T.float32(0), neg_inf)
                 T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
 
                 T.copy(m, m_prev)
@@ -286,6 +287,34 @@ def tile_fully_visible(q0, k0, block_m: int, block_n: int, valid, left, right, n
     if not general:
         return tir.all(exists, in_window)
     return tir.all(exists, tir.any(in_window, k0 + block_n <= n_global, q0 + block_m <= n_global))
+
+
+def row_keys(qi, valid, left, right, n_global=0, q_valid=None, maximum=max, minimum=min, select=tir.Select):
+    """The keys query ``qi`` sees as ranges: (first, count, n_global_keys) means
+    keys first .. first + count - 1 and 0 .. n_global_keys - 1 (which may
+    overlap). ``valid``: keys that exist; ``q_valid`` (optional): queries that
+    exist (a row past it sees nothing). Python ints or TIR expressions."""
+    first = qi - left
+    count = maximum(minimum(left + right + 1, valid - first), 0)
+    n_glob = 0
+    if not (isinstance(n_global, int) and n_global == 0):
+        # A global row sees every key that exists.
+        is_global = qi < n_global
+        first, count, n_glob = select(is_global, 0, first), select(is_global, valid, count), minimum(n_global, valid)
+    if q_valid is not None:
+        count, n_glob = select(qi < q_valid, count, 0), select(qi < q_valid, n_glob, 0)
+    return first, count, n_glob
+
+
+def row_sees(kj, first, count, n_glob=None):
+    """Key kj lies in a row's ranges (``row_keys``): the kernels' per-element mask (TIR).
+
+    One unsigned compare, kj - first < count (a key before the range wraps to a
+    huge unsigned number), plus one for the global keys, combined bitwise:
+    written with ``&&``, nvcc turned the test into a branch per element
+    (BSSY/BSYNC), and a masked tile cost about three unmasked ones."""
+    local = T.Cast("uint32", kj - first) < T.Cast("uint32", count)
+    return local if n_glob is None else (T.Cast("int32", local) | T.Cast("int32", kj < n_glob)) != 0
 
 
 def tile_of(it, n_global_tiles, lo):

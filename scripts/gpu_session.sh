@@ -7,6 +7,7 @@
 #   train   train.py (kernel vs SDPA + mask, same seed) and the overhead probe
 #   sweeps  the open tile questions: backward lse/delta staging, D=128 at two CTAs/SM
 #   sp      (two GPUs) the NCCL test and the 1-vs-2-GPU scaling table
+#   profile Nsight Compute on the forward of bench_op shapes 1-3 (hardware counters)
 # bench_op.py adds a FlashAttention-4 column when flash_attn.cute imports (/tmp/fa4
 # on PYTHONPATH after tilelang's site: bench_op.py's docstring).
 set -uo pipefail
@@ -42,6 +43,12 @@ sp)
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
   timeout 200 python3 -m pytest tests/test_distributed.py -m gpu -p no:cacheprovider -q 2>&1 | tee "$OUT/dist_gpu.log" | tail -2
   python3 scripts/scale_sp.py --seqs 65536 131072 262144 --gpus 1 2 2>&1 | grep -v INFO | tee "$OUT/scale_sp.log" | tail -14
+  ;;
+profile)
+  ncu --clock-control none --profile-from-start off --section SpeedOfLight --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+    python3 scripts/profile_op.py --shapes 1 2 3 >"$OUT/ncu_fwd.txt" 2>&1
+  grep -E "forward_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|DRAM Throughput|Issue Slots Busy|Achieved Occupancy|Registers Per" "$OUT/ncu_fwd.txt" | head -60
   ;;
 esac
 cp configs/gpus.json "$OUT/" 2>/dev/null || true

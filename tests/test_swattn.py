@@ -128,6 +128,23 @@ def test_full_tile_test_matches_brute_force(block_m, block_n):
                     assert full == whole or block.shape[0] < block_m, (seq_len, left, right, q0, k0)
 
 
+def test_row_keys_match_the_window_definition():
+    """The kernels' per-element test is ``uint32(kj - first) < count or kj < n_global_keys``
+    over ``row_keys``' ranges: exactly the window definition, for windows around
+    the ends of the sequence, negative offsets (blocks of the online and
+    distributed paths), global tokens and rows past the end."""
+    select = lambda c, a, b: a if c else b  # noqa: E731
+
+    windows = [(0, 0), (1, 0), (0, 1), (3, 5), (7, 7), (40, 40), (-5, 9), (9, -5), (-3, 2), (-4, -4), (100, 100)]
+    for (left, right), g, (valid, q_valid) in itertools.product(windows, [0, 1, 6], [(37, 37), (30, 37), (37, 29)]):
+        for qi in range(40):
+            first, count, n_glob = swattn.row_keys(qi, valid, left, right, g, q_valid, max, min, select)
+            for kj in range(40):
+                got = (kj - first) % 2**32 < count or kj < n_glob
+                want = (qi - left <= kj <= qi + right or kj < g or qi < g) and kj < valid and qi < q_valid
+                assert got == want, (left, right, g, valid, q_valid, qi, kj)
+
+
 @pytest.mark.parametrize("block_m,block_n", [(64, 64), (128, 64), (128, 128)])
 def test_adaptive_schedule_covers_every_needed_tile(block_m, block_n):
     """Per-row windows: the tiles a query tile visits hold every key one of its
