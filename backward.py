@@ -73,8 +73,12 @@ def make_backward(
     arch: str = "sm_90a",
     tile: tuple | None = None,
     adaptive: bool = False,
+    kv_grads: str = "float32",
 ):
-    """dQ, dK, dV (float32; dQ accumulated atomically) for the window (left, right).
+    """dQ (float32, accumulated across CTAs) and dK, dV (``kv_grads``: each is
+    written once, by the CTA of its key tile, so the input dtype saves a float32
+    buffer and a cast per tensor where no one sums them further; the blocked
+    paths sum them over key blocks, in float32) for the window (left, right).
 
     Q and K/V may differ in length (a block of a blocked or distributed
     computation, offsets folded into left and right, which may then be negative);
@@ -111,8 +115,8 @@ def make_backward(
         LSE: T.Tensor((batch, q_heads, seq_len), accum),
         Delta: T.Tensor((batch, q_heads, seq_len), accum),
         dQ: T.Tensor((batch, seq_len, q_heads, head_dim), accum),
-        dK: T.Tensor((batch, kv_len, kv_heads, head_dim), accum),
-        dV: T.Tensor((batch, kv_len, kv_heads, head_dim), accum),
+        dK: T.Tensor((batch, kv_len, kv_heads, head_dim), kv_grads),
+        dV: T.Tensor((batch, kv_len, kv_heads, head_dim), kv_grads),
         WIN: T.Tensor((win_heads, win_len, 2), "int32"),
         KT: T.Tensor((kt_heads, kt_tiles, 3), "int32"),
         left: T.int32,
@@ -230,8 +234,8 @@ def make_backward(
                             T.atomic_add(dQ[b, qt * block_m + i, qh, d], dq[i, d])
             for j, d in T.Parallel(block_n, head_dim):
                 if bx * block_n + j < kv_len:
-                    dK[b, bx * block_n + j, kvh, d] = dk[j, d]
-                    dV[b, bx * block_n + j, kvh, d] = dv[j, d]
+                    dK[b, bx * block_n + j, kvh, d] = T.Cast(kv_grads, dk[j, d])
+                    dV[b, bx * block_n + j, kvh, d] = T.Cast(kv_grads, dv[j, d])
 
     return backward
 
@@ -248,9 +252,10 @@ def compiled_backward(
     arch: str,
     tile: tuple | None = None,
     adaptive: bool = False,
+    kv_grads: str = "float32",
 ):
     return tilelang.compile(
-        make_backward(head_dim, dtype, arch, tile, adaptive),
+        make_backward(head_dim, dtype, arch, tile, adaptive, kv_grads),
         target={"kind": "cuda", "arch": arch},
         pass_configs={"tl.enable_fast_math": True},
     )
@@ -273,9 +278,11 @@ def attention_backward(
     delta=None,
     n_global: int = 0,
     row_windows=None,
+    kv_grads_dtype: torch.dtype = torch.float32,
 ):
-    """(dq, dk, dv), float32, for tensors in the kernel's layout (head classes
-    already formed: swattn.to_classes); lse natural log from the forward. ``dlse``,
+    """(dq, dk, dv): dq float32, dk and dv ``kv_grads_dtype`` (float32 or q's
+    dtype), for tensors in the kernel's layout (head classes already formed:
+    swattn.to_classes); lse natural log from the forward. ``dlse``,
     the gradient of the lse output if it was used, enters as delta - dlse. For a
     block (K/V of another length), ``true_q_len`` is Q's length and out/lse/do
     are the merged (global) ones of these queries; ``delta`` (float32, batch,
@@ -293,9 +300,12 @@ def attention_backward(
     # kernel's ABI wants them packed.
     lse, delta = lse.float().contiguous(), delta.float().contiguous()
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    dk = torch.empty(k.shape, device=q.device, dtype=torch.float32)
-    dv = torch.empty(v.shape, device=q.device, dtype=torch.float32)
-    kernel = compiled_backward(d, dtype, arch, None, row_windows is not None)
+    if kv_grads_dtype not in (torch.float32, q.dtype):
+        raise ValueError(f"kv_grads_dtype must be float32 or {q.dtype}, got {kv_grads_dtype}")
+    dk = torch.empty(k.shape, device=q.device, dtype=kv_grads_dtype)
+    dv = torch.empty(v.shape, device=q.device, dtype=kv_grads_dtype)
+    kv_grads = "float32" if kv_grads_dtype == torch.float32 else dtype
+    kernel = compiled_backward(d, dtype, arch, None, row_windows is not None, kv_grads)
     win, kt = row_windows if row_windows is not None else swattn._placeholders(q.device)
     q_len = true_seq_len if true_q_len is None else true_q_len
     scalars = (left, right, n_global, kv_heads_per_class, q_len, true_seq_len, dilation)

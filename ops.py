@@ -119,6 +119,7 @@ def attention_bwd(
             dlse=delta_shift,
             n_global=n_global,
             row_windows=None if win is None else (win, kt_bwd),
+            kv_grads_dtype=q.dtype,  # written once each: no float32 copy to cast
         )
         return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
     s = q.shape[1]

@@ -123,13 +123,19 @@ def test_torch_compile_sees_one_opaque_op():
 
 
 @pytest.mark.parametrize(
-    "head_dim,dtype,adaptive",
-    [(64, "float16", False), (128, "bfloat16", False), (64, "bfloat16", True), (128, "float16", True)],
+    "head_dim,dtype,adaptive,kv_grads",
+    # The autograd op takes dK/dV in the input dtype, the blocked paths in float32.
+    [
+        (64, "float16", False, "float16"),
+        (128, "bfloat16", False, "bfloat16"),
+        (64, "bfloat16", True, "float32"),
+        (128, "float16", True, "float16"),
+    ],
 )
-def test_backward_compiles_sm90a(head_dim, dtype, adaptive):
+def test_backward_compiles_sm90a(head_dim, dtype, adaptive, kv_grads):
     import backward
 
-    source = backward.compiled_backward(head_dim, dtype, "sm_90a", None, adaptive).get_kernel_source()
+    source = backward.compiled_backward(head_dim, dtype, "sm_90a", None, adaptive, kv_grads).get_kernel_source()
     # dQ leaves each tile by the path its tile config names (configs/op_tiles.json).
     dq_tma = backward.tile_config(head_dim, "sm_90a")[-1]
     assert ("tma_store_add" if dq_tma else "AtomicAdd") in source
@@ -141,7 +147,7 @@ def test_backward_compiles_sm90a(head_dim, dtype, adaptive):
 def test_backward_compiles_sm80(head_dim, dtype):
     import backward
 
-    assert "AtomicAdd" in backward.compiled_backward(head_dim, dtype, "sm_80").get_kernel_source()
+    assert "AtomicAdd" in backward.compiled_backward(head_dim, dtype, "sm_80", None, False, dtype).get_kernel_source()
     assert "preprocess" in backward.compiled_preprocess(head_dim, dtype, "sm_80").get_kernel_source()
 
 

@@ -48,8 +48,8 @@ def stand_ins(monkeypatch):
         made.append(StandIn(swattn.make_forward(head_dim, dtype, arch, tile, mode), outputs=(3, 4)))
         return made[-1]
 
-    def bwd(head_dim, dtype, arch, tile=None, adaptive=False):
-        made.append(StandIn(backward.make_backward(head_dim, dtype, arch, tile, adaptive), outputs=(6, 7, 8)))
+    def bwd(head_dim, dtype, arch, tile=None, adaptive=False, kv_grads="float32"):
+        made.append(StandIn(backward.make_backward(head_dim, dtype, arch, tile, adaptive, kv_grads), outputs=(6, 7, 8)))
         return made[-1]
 
     def pre(head_dim, dtype, arch):
