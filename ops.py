@@ -36,8 +36,7 @@ def _class_masks(s, heads, left, right, win, n_global, true_seq_len, dilation, h
     return local & exists[:, :, None] & exists[:, None, :]
 
 
-@torch.library.custom_op("swattn::attention_fwd", mutates_args=())
-def attention_fwd(
+def _fwd_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -73,16 +72,18 @@ def attention_fwd(
     return out.to(q.dtype).contiguous(), lse.float()
 
 
+attention_fwd = torch.library.custom_op("swattn::attention_fwd", _fwd_impl, mutates_args=())
+
+
 @attention_fwd.register_fake
 def _(q, k, v, win, kt_fwd, kt_bwd, *scalars):
     b, s, hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, hq, s), dtype=torch.float32)
 
 
-@torch.library.custom_op("swattn::attention_bwd", mutates_args=())
-def attention_bwd(
+def _bwd_impl(
     dout: torch.Tensor,
-    delta_shift: torch.Tensor,
+    delta_shift: torch.Tensor | None,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -100,7 +101,7 @@ def attention_bwd(
     kv_heads_per_class: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the input dtype. ``delta_shift`` (batch, q_heads, seq) is the
-    gradient of the lse output (zeros if unused): it enters as delta - dlse."""
+    gradient of the lse output (None if unused): it enters as delta - dlse."""
     if swattn.on_gpu(q):
         import backward  # the backward kernels compile only when a backward runs
 
@@ -124,9 +125,14 @@ def attention_bwd(
         return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
     s = q.shape[1]
     mask = _class_masks(s, q.shape[2], left, right, win, n_global, true_seq_len, dilation, heads_per_class, q.device)
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2) - delta_shift
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)
+    if delta_shift is not None:
+        delta = delta - delta_shift
     dq, dk, dv = online.masked_backward(dout, q, k, v, lse, delta, mask)
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+attention_bwd = torch.library.custom_op("swattn::attention_bwd", _bwd_impl, mutates_args=())
 
 
 @attention_bwd.register_fake
@@ -145,15 +151,34 @@ def _setup_context(ctx, inputs, output):
     ctx.ints = ints
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, bwd=attention_bwd):
     q, k, v, out, lse = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()  # any strides in
-    shift = torch.zeros_like(lse) if dlse is None else dlse.float()
-    dq, dk, dv = attention_bwd(dout, shift, q, k, v, out, lse, *ctx.tables, *ctx.ints)
+    shift = None if dlse is None else dlse.float()
+    dq, dk, dv = bwd(dout, shift, q, k, v, out, lse, *ctx.tables, *ctx.ints)
     return (dq, dk, dv) + (None,) * (N_FWD_INPUTS - 3)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward without the dispatcher, for eager calls.
+
+    torch.library's custom-op path (schema checks, redispatch, its autograd
+    wrapper) cost ~0.6 ms of host time per forward + backward on the H100's host
+    (scripts/probe_bwd_host.py), more than the GPU's work on small shapes. Under
+    torch.compile the custom ops stay (``attention`` picks)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse, _bwd_impl)
 
 
 def adaptive_tables(
@@ -201,5 +226,6 @@ def attention(
         if swattn.on_gpu(q):
             tables = adaptive_tables(win, dilation, hq, hk, s, global_tokens, d, swattn.cuda_arch(q.device))
     scalars = (min(left, sd - 1), min(right, sd - 1), global_tokens, s, dilation, hq, hk)
-    out, lse = attention_fwd(qv, kv, vv, *tables, *scalars)
+    fwd = attention_fwd if torch.compiler.is_compiling() else _EagerAttention.apply
+    out, lse = fwd(qv, kv, vv, *tables, *scalars)
     return swattn.from_classes(out, lse, s, dilation)
