@@ -42,6 +42,12 @@ VARIANTS = [
     ((64, 64, 128, 2, 2), "window", "ws", True),
     ((64, 64, 128, 3, 2), "window", "ws", True),
     ((64, 128, 128, 1, 2), "window", "ws", True),
+    # 192-row query tiles over three consumer warpgroups (160 registers each):
+    # a third of the K/V re-reads from L2 of 64-row tiles (the D = 64 kernel's
+    # L2 runs at 74 % of peak, analysis.md), and 50 % more rows per K/V tile at D = 128.
+    ((192, 128, 384, 2, 1), "window", "ws", True),
+    ((192, 64, 384, 2, 1), "window", "ws", True),
+    ((192, 64, 384, 3, 1), "window", "ws", True),
 ]
 
 
