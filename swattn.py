@@ -170,7 +170,7 @@ def make_forward(
         dilation: T.int32,
     ):
         with T.Kernel(T.ceildiv(seq_len, block_m), q_heads, batch, threads=threads) as (bx, qh, b):
-            if occupancy > 1:
+            if consumer_regs(threads, occupancy) < 240:  # TileLang's default does not fit
                 T.annotate_min_blocks_per_sm(occupancy)
                 T.annotate_producer_reg_dealloc(24)
                 T.annotate_consumer_reg_alloc(consumer_regs(threads, occupancy))

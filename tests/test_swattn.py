@@ -283,11 +283,11 @@ def test_compiles_sm90a(head_dim, dtype, mode):
     src = swattn.compiled_forward(head_dim, dtype, "sm_90a", None, mode).get_kernel_source()
     _, _, threads, _, occupancy = swattn.tile_config(head_dim, "sm_90a")
     assert f"__launch_bounds__({threads + 128}, {occupancy})" in src  # consumers + one producer warpgroup
-    if occupancy > 1:
+    if swattn.consumer_regs(threads, occupancy) < 240:
         assert f"warpgroup_reg_alloc<{swattn.consumer_regs(threads, occupancy)}>" in src
 
 
-@pytest.mark.parametrize("threads,occupancy", [(128, 1), (128, 2), (128, 3), (256, 1), (256, 2)])
+@pytest.mark.parametrize("threads,occupancy", [(128, 1), (128, 2), (128, 3), (256, 1), (256, 2), (384, 1)])
 def test_consumer_registers_fit_the_launch_pool(threads, occupancy):
     """setmaxnreg only moves registers inside the CTA's launch pool; asking for more hangs the kernel."""
     total = threads + 128
