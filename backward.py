@@ -128,7 +128,7 @@ def make_backward(
         dilation: T.int32,
     ):
         with T.Kernel(T.ceildiv(kv_len, block_n), kv_heads, batch, threads=threads) as (bx, kvh, b):
-            if occupancy > 1:  # as in the forward (swattn.make_forward): cap the consumers' registers
+            if swattn.consumer_regs(threads, occupancy) < 240:  # as in swattn.make_forward
                 T.annotate_min_blocks_per_sm(occupancy)
                 T.annotate_producer_reg_dealloc(24)
                 T.annotate_consumer_reg_alloc(swattn.consumer_regs(threads, occupancy))

@@ -207,7 +207,8 @@ def make_forward(
             for i in T.Parallel(block_m):
                 qi = bx * block_m + i
                 if adaptive:
-                    row_left, row_right = WIN[qh, T.min(qi, seq_len - 1), 0], WIN[qh, T.min(qi, seq_len - 1), 1]
+                    row = T.min(qi, seq_len - 1)
+                    row_left, row_right = WIN[qh, row, 0], WIN[qh, row, 1]
                 else:
                     row_left, row_right = left, right
                 first, count, glob = row_keys(qi, valid, row_left, row_right, n_glob, None, T.max, T.min)

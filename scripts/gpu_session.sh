@@ -5,7 +5,7 @@
 #   course  the course kit on the GPU (the grader compiles many kernels: minutes)
 #   bench   make run, make bench, bench_op.py forward and forward+backward
 #   train   train.py (kernel vs SDPA + mask, same seed) and the overhead probe
-#   sweeps  the open tile questions: backward lse/delta staging, D=128 at two CTAs/SM
+#   sweeps  backward tiles (sweep_bwd.py) and D=128 forward tiles at two CTAs/SM (sweep_op.py)
 #   sp      (two GPUs) the NCCL test and the 1-vs-2-GPU scaling table
 #   profile Nsight Compute on the forward of bench_op shapes 1-3 (hardware counters)
 # bench_op.py adds a FlashAttention-4 column when flash_attn.cute imports (/tmp/fa4

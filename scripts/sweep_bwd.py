@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from sweep_common import bench_shapes, compile_all, random_qkv, shape_label, time_us  # noqa: E402  (scripts/ is on sys.path as the script's folder)
+from sweep_common import bench_shapes, check_and_time, compile_all, random_qkv, shape_label  # noqa: E402  (scripts/ is on sys.path as the script's folder)
 
 # (block_m, block_n, threads, num_stages, CTAs per SM, dQ by TMA reduce-add), or
 # None = backward's shipped tile (configs/op_tiles.json). Session 4 (H200) settled
@@ -60,7 +60,6 @@ def main() -> None:
     import torch
 
     import backward
-    import reference as ref
     import swattn
 
     dt = getattr(torch, args.dtype)
@@ -87,13 +86,8 @@ def main() -> None:
             launch = (q, k, v, do, lse, delta, *grads, win, kt, left, right, 0, hk, s, s, 1)
             call = functools.partial(_launch, kern, launch)
 
-            for g in grads[1:]:
-                g.fill_(float("nan"))  # unwritten elements fail the comparison
-            call()
-            got = [g.clone() for g in grads]
-            base = got if base is None else base
-            err = max(ref.rel_err(x, y) for x, y in zip(got, base, strict=True))
-            us = time_us(call, warmup=20)
+            # dQ is zeroed by the call itself (it accumulates): poison dK and dV
+            us, err, base = check_and_time(call, grads[1:], grads, base, warmup=20)
             tile = tile or backward.tile_config(d, "sm_90a")
             lines.append(f"| {shape_label(sh)} | {tile} | {us:.1f} | {err:.1e} |")
             print(lines[-1], flush=True)

@@ -45,3 +45,19 @@ def time_us(call, warmup: int = 50) -> float:
     from triton.testing import do_bench
 
     return do_bench(call, warmup=warmup, rep=200, return_mode="median") * 1e3
+
+
+def check_and_time(call, poisoned: list, outputs: list, base: list | None, warmup: int = 50):
+    """One variant of a sweep: fill ``poisoned`` with NaN (unwritten elements then
+    fail the comparison), run ``call``, compare ``outputs`` with ``base`` (the first
+    variant's copies; None makes these the base) and time ``call``.
+    Returns (us, max relative error over the outputs, base)."""
+    import reference as ref
+
+    for t in poisoned:
+        t.fill_(float("nan"))
+    call()
+    got = [t.clone() for t in outputs]
+    base = got if base is None else base
+    err = max(ref.rel_err(x, y) for x, y in zip(got, base, strict=True))
+    return time_us(call, warmup), err, base

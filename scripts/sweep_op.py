@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from sweep_common import bench_shapes, compile_all, random_qkv, shape_label, time_us  # noqa: E402  (scripts/ is on sys.path as the script's folder)
+from sweep_common import bench_shapes, check_and_time, compile_all, random_qkv, shape_label  # noqa: E402  (scripts/ is on sys.path as the script's folder)
 
 # (block_m, block_n, threads, num_stages, CTAs per SM) or None for swattn.TILES;
 # kernel mode; loop schedule: "ws" TileLang's warp-specialized TMA pipeline,
@@ -86,7 +86,6 @@ def main() -> None:
 
     import torch
 
-    import reference as ref
     import swattn
 
     dt = getattr(torch, args.dtype)
@@ -110,11 +109,7 @@ def main() -> None:
             win, kt = swattn._placeholders(q.device)
             call = functools.partial(kern, q, k, v, out, lse, win, kt, sh["left"], sh["right"], 0, hq, hk, s, 1)
 
-            out.fill_(float("nan"))  # unwritten elements fail the comparison
-            call()
-            base = out.clone() if base is None else base
-            err = ref.rel_err(out, base)
-            us = time_us(call)
+            us, err, base = check_and_time(call, [out], [out], base)
             tile = tile or swattn.tile_config(d, "sm_90a")
             lines.append(f"| {shape_label(sh)} | {tile} | {mode} | {schedule} | {skip} | {us:.1f} | {err:.1e} |")
             print(lines[-1], flush=True)
