@@ -89,14 +89,17 @@ def make_backward(
     scalars left, right are then unused, as WIN and KT are otherwise.
     ``tile`` = (block_m, block_n, threads, num_stages, occupancy, dq_tma),
     default ``tile_config`` (configs/op_tiles.json, from scripts/sweep_bwd.py).
-    Two CTAs per SM (the forward's register split): 1.4-1.6x faster than one.
+    D = 64: 64x64 tiles, two CTAs per SM (the forward's register split), 1.4-1.6x
+    faster than one. D = 128: 64 queries x 128 keys over two consumer warpgroups,
+    each owning 64 keys' dK and dV (64 registers each) at one CTA per SM: 1.35-1.39x
+    faster than 64x64 at two (results/gpu_s5/sweep_bwd.log).
     Each query tile's lse and delta are staged once in shared memory (by the
     consumers: TMA cannot take them, see the module docstring), not read once per
     score element: 8-18 % faster (analysis.md). ``dq_tma`` (Hopper): add each dQ
     tile through shared memory with one TMA reduce-add (cp.reduce.async.bulk,
     clipped at the sequence end by the hardware) instead of one float32 atomic
-    per element: 1.1x at D = 64; at D = 128 its 32 KB of shared memory cost the
-    second CTA per SM (1.3x slower), so it is off there."""
+    per element: 1.1x at D = 64 and with the 128-key tile at D = 128 (where the
+    64x64 tile's second CTA per SM had no room for its 32 KB)."""
     block_m, block_n, threads, num_stages, occupancy, dq_tma = tile or tile_config(head_dim, arch)
     accum = "float32"
     batch, seq_len, kv_len = T.dynamic("batch"), T.dynamic("seq_len"), T.dynamic("kv_len")
@@ -128,10 +131,14 @@ def make_backward(
         dilation: T.int32,
     ):
         with T.Kernel(T.ceildiv(kv_len, block_n), kv_heads, batch, threads=threads) as (bx, kvh, b):
-            if swattn.consumer_regs(threads, occupancy) < 240:  # as in swattn.make_forward
+            # As in swattn.make_forward, but TileLang gives this loop's producer as many
+            # threads as the consumers (it stages lse/delta with cp.async as well as
+            # loading by TMA), so the split is computed for that.
+            regs = swattn.consumer_regs(threads, occupancy, producer_threads=threads)
+            if regs < 240:
                 T.annotate_min_blocks_per_sm(occupancy)
                 T.annotate_producer_reg_dealloc(24)
-                T.annotate_consumer_reg_alloc(swattn.consumer_regs(threads, occupancy))
+                T.annotate_consumer_reg_alloc(regs)
             k_s = T.alloc_shared((block_n, head_dim), dtype)
             v_s = T.alloc_shared((block_n, head_dim), dtype)
             q_s = T.alloc_shared((block_m, head_dim), dtype)

@@ -28,8 +28,11 @@ VARIANTS = [
     None,
     (64, 64, 128, 2, 2, False),
     (64, 64, 128, 2, 2, True),
-    (64, 64, 128, 3, 2, True),
-    (64, 64, 128, 2, 1, True),
+    # Session 5: 128-key tiles over two consumer warpgroups (each owns 64 keys'
+    # dK and dV), one CTA per SM, so dQ's TMA tile fits at D = 128 as well.
+    (64, 128, 256, 2, 1, True),
+    (64, 128, 256, 2, 1, False),
+    (64, 128, 256, 3, 1, True),
 ]
 
 

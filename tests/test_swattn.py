@@ -287,14 +287,17 @@ def test_compiles_sm90a(head_dim, dtype, mode):
         assert f"warpgroup_reg_alloc<{swattn.consumer_regs(threads, occupancy)}>" in src
 
 
+@pytest.mark.parametrize("producer", [128, None])
 @pytest.mark.parametrize("threads,occupancy", [(128, 1), (128, 2), (128, 3), (256, 1), (256, 2), (384, 1)])
-def test_consumer_registers_fit_the_launch_pool(threads, occupancy):
-    """setmaxnreg only moves registers inside the CTA's launch pool; asking for more hangs the kernel."""
-    total = threads + 128
+def test_consumer_registers_fit_the_launch_pool(threads, occupancy, producer):
+    """setmaxnreg only moves registers inside the CTA's launch pool; asking for more hangs the kernel.
+    producer None: as many producer threads as consumers (the backward's loop)."""
+    producer = producer or threads
+    total = threads + producer
     launch = min(255, 65536 // (occupancy * total)) // 8 * 8
-    regs = swattn.consumer_regs(threads, occupancy)
+    regs = swattn.consumer_regs(threads, occupancy, producer_threads=producer)
     assert regs % 8 == 0 and 24 <= regs <= 240
-    assert threads * regs + 128 * 24 <= launch * total
+    assert threads * regs + producer * 24 <= launch * total
 
 
 @pytest.mark.slow
