@@ -296,24 +296,25 @@ def attention_backward(
     heads, q_len), if given, replaces rowsum(dO * O) - dlse (then ``out`` is unused).
     ``row_windows``: (WIN, KT) of adaptive windows (``ops.adaptive_tables``)."""
     b, s, hq, d = q.shape
-    dtype, arch = swattn.DTYPES[q.dtype], swattn.cuda_arch(q.device)
+    device = q.device  # each .device builds a new object: host time on small shapes
+    dtype, arch = swattn.DTYPES[q.dtype], swattn.cuda_arch(device)
     do = do.to(q.dtype).contiguous()
     if delta is None:
-        delta = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
+        delta = torch.empty(b, hq, s, device=device, dtype=torch.float32)
         compiled_preprocess(d, dtype, arch)(out.to(q.dtype).contiguous(), do, delta)
         if dlse is not None:
             delta -= dlse
     # A block's lse/delta are slices of the merged (batch, heads, seq) state: the
     # kernel's ABI wants them packed.
     lse, delta = lse.float().contiguous(), delta.float().contiguous()
-    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dq = torch.zeros(q.shape, device=device, dtype=torch.float32)
     if kv_grads_dtype not in (torch.float32, q.dtype):
         raise ValueError(f"kv_grads_dtype must be float32 or {q.dtype}, got {kv_grads_dtype}")
-    dk = torch.empty(k.shape, device=q.device, dtype=kv_grads_dtype)
-    dv = torch.empty(v.shape, device=q.device, dtype=kv_grads_dtype)
+    dk = torch.empty(k.shape, device=device, dtype=kv_grads_dtype)
+    dv = torch.empty(v.shape, device=device, dtype=kv_grads_dtype)
     kv_grads = "float32" if kv_grads_dtype == torch.float32 else dtype
     kernel = compiled_backward(d, dtype, arch, None, row_windows is not None, kv_grads)
-    win, kt = row_windows if row_windows is not None else swattn._placeholders(q.device)
+    win, kt = row_windows if row_windows is not None else swattn._placeholders(device)
     q_len = true_seq_len if true_q_len is None else true_q_len
     scalars = (left, right, n_global, kv_heads_per_class, q_len, true_seq_len, dilation)
     kernel(q, k, v, do, lse, delta, dq, dk, dv, win, kt, *scalars)

@@ -122,7 +122,8 @@ def _bwd_impl(
             row_windows=None if win is None else (win, kt_bwd),
             kv_grads_dtype=q.dtype,  # written once each: no float32 copy to cast
         )
-        return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
+        dq, dk, dv = grads
+        return dq.to(q.dtype), dk, dv  # dK, dV already in the input dtype (q, k, v share it)
     s = q.shape[1]
     mask = _class_masks(s, q.shape[2], left, right, win, n_global, true_seq_len, dilation, heads_per_class, q.device)
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)

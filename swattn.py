@@ -330,7 +330,10 @@ def on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
+@functools.cache
 def cuda_arch(device) -> str:
+    """The kernels' target for a CUDA device ("sm_90a" on Hopper); cached: the
+    capability query costs host time on every call otherwise."""
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm_{major}{minor}{'a' if major == 9 else ''}"
 
@@ -531,6 +534,8 @@ def to_classes(x: torch.Tensor, dilation: int) -> torch.Tensor:
     """(B, S, H, D) -> (B, ceil(S / d), d * H, D): head r * H + h holds positions
     r, r + d, ... of head h. A view when d divides S; otherwise S is padded
     (a copy) and the kernel hides the padding via ``class_len``."""
+    if dilation == 1:  # no view either: each op is a node the backward walks
+        return x
     b, s, h, d = x.shape
     pad = (-s) % dilation
     if pad:
@@ -540,6 +545,8 @@ def to_classes(x: torch.Tensor, dilation: int) -> torch.Tensor:
 
 def from_classes(out: torch.Tensor, lse: torch.Tensor, seq_len: int, dilation: int):
     """Inverse of ``to_classes`` for the output (a view) and the lse (B, d * H, S / d) -> (B, H, S)."""
+    if dilation == 1:  # nothing to undo, and no view/alias nodes for the backward to walk
+        return out, lse
     b, sd, dh, d = out.shape
     h = dh // dilation
     out = out.view(b, sd * dilation, h, d)[:, :seq_len]

@@ -4,6 +4,11 @@ Per bench_op shape and dtype: the do_bench median of forward + backward; the hos
 time to enqueue one forward + backward (no synchronisation, averaged over 30);
 and the device time of its kernels (torch.profiler, summed). When the host time
 exceeds the device time, the GPU waits on Python and the median measures the host.
+
+    python scripts/probe_bwd_host.py [shape indices] [--profile]
+
+``--profile``: also cProfile 200 steps of the first shape (fp16) and print the
+20 functions with the most time of their own: where the host time goes.
 """
 
 from __future__ import annotations
@@ -17,11 +22,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sweep_common import bench_shapes, random_qkv  # noqa: E402
 
 
+def profile_host(sh: dict) -> None:
+    """cProfile of 200 forward + backward steps (no synchronisation inside)."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    import swattn
+
+    q, k, v = (x.requires_grad_() for x in random_qkv(sh, torch.float16))
+    dout = torch.randn_like(q)
+    window = (sh["left"], sh["right"])
+    for _ in range(20):
+        swattn.sliding_window_attention(q, k, v, window).backward(dout)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        q.grad = k.grad = v.grad = None
+        swattn.sliding_window_attention(q, k, v, window).backward(dout)
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+
+
 def main() -> None:
     import torch
     from triton.testing import do_bench
 
     import swattn
+
+    if "--profile" in sys.argv:
+        sys.argv.remove("--profile")
+        profile_host(bench_shapes([int(a) for a in sys.argv[1:]] or [0])[0])
 
     print("| shape | dtype | do_bench us | host us / step | kernels us / step | top host ops |")
     print("|---|---|---:|---:|---:|---|")
