@@ -30,7 +30,8 @@ window as a dense mask elsewhere.
 
 Status (2026-11-26): every GPU test passes on an H100 with the shipped tiles
 (configs/op_tiles.json); 1.04-1.38x FlexAttention's forward on the benchmark
-shapes, behind FlashAttention-4 at W >= 512 and D = 128 (analysis.md).
+shapes, behind FlashAttention-4 at W >= 512 and D = 128; forward + backward
+1.05-1.25x FlexAttention, 0.70-0.85x FlashAttention-4 (analysis.md, session 5).
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the prim_func
