@@ -3,7 +3,8 @@
 Window: the repository's one definition (swattn.py): local query i sees key j
 iff -left <= j - i <= right or either is below ``n_global`` (and both exist),
 over the head classes of a dilation (swattn.to_classes), with GQA. Adaptive
-windows have no backward yet (swattn refuses them with a clear error).
+windows: each row's (left, right) from WIN, each key tile's query tiles from KT
+(``adaptive=True``).
 
 Three steps, no O(N^2) buffer anywhere:
   1. ``make_preprocess``: delta_i = rowsum(dO_i * O_i), float32 (batch, heads, seq).
