@@ -1,7 +1,7 @@
 # Two commands on a fresh machine:  `make run`  (set up, compile, verify, time)  and  `make test`.
 PY ?= .venv/bin/python
 
-.PHONY: setup run test test-gpu bench handout grade lint clean
+.PHONY: setup run test test-gpu bench bench-assignment bench-op handout grade lint clean
 
 setup: .venv/.ready
 
@@ -20,8 +20,14 @@ test: setup     ## CPU tests always run; GPU tests run when CUDA is available
 test-gpu: setup
 	$(PY) -m pytest test.py -q -m gpu
 
-bench: setup    ## the seed's table: sliding window vs full attention at seq 512/1024/2048
+bench: bench-assignment bench-op  ## both tables below (needs a GPU; ~10 min with the compiles)
+
+bench-assignment: setup  ## the seed's table: sliding window vs full attention at seq 512/1024/2048
 	$(PY) bench.py
+
+# The course handout copies this Makefile without the general op: there bench-op does nothing.
+bench-op: setup  ## the general op vs FlexAttention, FA4 (if importable) and SDPA: forward, then forward + backward
+	@if [ -f bench_op.py ]; then $(PY) bench_op.py && $(PY) bench_op.py --backward; fi
 
 handout: setup  ## the student starter tree (solution parts -> TODOs) in build/handout
 	$(PY) course/handout.py build/handout
