@@ -12,6 +12,9 @@ with no synchronisation inside (the GPU runs behind and never stalls Python):
   backward impl alone     ops._bwd_impl called directly (no autograd engine)
   identity Function       forward + backward of a torch.autograd.Function that
                           does nothing: the autograd engine's own cost on this host
+  step, CUDA graph (GPU)  the GPU time of one forward + backward, replayed from a
+                          CUDA graph (no host in the loop; do_bench median): what
+                          the step costs when the host does not set the pace
 
 On a bench shape the GPU may still set the pace (the launch queue fills);
 ``--tiny`` (batch 1, one head, seq 256) leaves it idle, so the numbers are the host's.
@@ -110,6 +113,17 @@ def main() -> None:
         Identity.apply(qg).backward(dout)
 
     rows.append(("identity Function", host_us(identity_step)))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    from triton.testing import do_bench
+
+    rows.append(("step, CUDA graph (GPU)", do_bench(graph.replay, warmup=20, rep=200, return_mode="median") * 1e3))
     if "--profile" in sys.argv:
         import cProfile
         import pstats
