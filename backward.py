@@ -94,9 +94,10 @@ def make_backward(
     faster than one. D = 128: 64 queries x 128 keys over two consumer warpgroups,
     each owning 64 keys' dK and dV (64 registers each) at one CTA per SM: 1.35-1.39x
     faster than 64x64 at two (results/gpu_s5/sweep_bwd.log).
-    Each query tile's lse and delta are staged once in shared memory (by the
-    consumers: TMA cannot take them, see the module docstring), not read once per
-    score element: 8-18 % faster (analysis.md). ``dq_tma`` (Hopper): add each dQ
+    Each query tile's lse and delta are staged once in shared memory (TileLang
+    issues them as cp.async from the producer warps: TMA cannot take them, see
+    the module docstring), not read once per score element: 8-18 % faster
+    (analysis.md). ``dq_tma`` (Hopper): add each dQ
     tile through shared memory with one TMA reduce-add (cp.reduce.async.bulk,
     clipped at the sequence end by the hardware) instead of one float32 atomic
     per element: 1.1x at D = 64 and with the 128-key tile at D = 128 (where the
