@@ -106,7 +106,6 @@ def make_forward(
     tile: tuple | None = None,
     mode: str = "general",
     skip_full_masks: bool = True,
-    pingpong: bool = False,
 ):
     """Kernel factory: forward sliding-window attention, all sizes and windows at run time.
 
@@ -222,10 +221,7 @@ def make_forward(
                 n_g, lo, hi = KT[qh, bx, 0], KT[qh, bx, 1], KT[qh, bx, 2]
             else:
                 n_g, lo, hi = key_tile_schedule(bx, valid, left, right, n_glob, block_m, block_n, T.max, T.min)
-            n_iter = n_g + hi - lo
-            n_wg = threads // 128
-            wg = T.get_thread_binding() // 128
-            for it in T.Pipelined(n_iter, num_stages=num_stages):
+            for it in T.Pipelined(n_g + hi - lo, num_stages=num_stages):
                 T.copy(K[b, tile_of(it, n_g, lo) * block_n : (tile_of(it, n_g, lo) + 1) * block_n, kvh, :], k_s)
                 k0 = tile_of(it, n_g, lo) * block_n
                 # A key tile that every row sees whole (the window's interior) clears S
@@ -239,14 +235,7 @@ def make_forward(
                     for i, j in T.Parallel(block_m, block_n):
                         seen = row_sees(k0 + j, row_first[i], row_count[i], row_glob[i] if general else None)
                         s[i, j] = T.Select(seen, T.float32(0), neg_inf)
-                if pingpong:
-                    if it == 0 and wg == n_wg - 1:  # the last warpgroup lets the first start
-                        T.named_barrier_arrive(8, 256)
-                    T.sync_threads(8 + wg, 256)
                 T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                if pingpong:
-                    if wg != n_wg - 1 or it < n_iter - 1:
-                        T.named_barrier_arrive(8 + (wg + 1) % n_wg, 256)
 
                 T.copy(m, m_prev)
                 T.reduce_max(s, m_tile, dim=1, clear=True)
