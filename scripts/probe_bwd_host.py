@@ -14,19 +14,15 @@ exceeds the device time, the GPU waits on Python and the median measures the hos
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sweep_common import bench_shapes, random_qkv  # noqa: E402
+from sweep_common import bench_shapes, host_us, print_profile, random_qkv  # noqa: E402
 
 
 def profile_host(sh: dict) -> None:
     """cProfile of 200 forward + backward steps (no synchronisation inside)."""
-    import cProfile
-    import pstats
-
     import torch
 
     import swattn
@@ -34,17 +30,16 @@ def profile_host(sh: dict) -> None:
     q, k, v = (x.requires_grad_() for x in random_qkv(sh, torch.float16))
     dout = torch.randn_like(q)
     window = (sh["left"], sh["right"])
-    for _ in range(20):
-        swattn.sliding_window_attention(q, k, v, window).backward(dout)
-    torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
+
+    def step():
         q.grad = k.grad = v.grad = None
         swattn.sliding_window_attention(q, k, v, window).backward(dout)
-    prof.disable()
+
+    for _ in range(20):
+        step()
     torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+    print_profile(step)
+    torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -68,18 +63,15 @@ def main() -> None:
             def step(q=q, k=k, v=v, window=window, dout=dout):
                 swattn.sliding_window_attention(q, k, v, window).backward(dout)
 
-            median = do_bench(step, warmup=50, rep=200, grad_to_none=[q, k, v], return_mode="median") * 1e3
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(30):
+            def fresh_step(q=q, k=k, v=v, step=step):  # as do_bench's grad_to_none does between calls
                 q.grad = k.grad = v.grad = None
                 step()
-            host = (time.perf_counter() - t0) / 30 * 1e6
-            torch.cuda.synchronize()
+
+            median = do_bench(step, warmup=50, rep=200, grad_to_none=[q, k, v], return_mode="median") * 1e3
+            host = host_us(fresh_step, n=30, warmup=0)  # do_bench warmed up
             with torch.profiler.profile() as prof:
                 for _ in range(5):
-                    q.grad = k.grad = v.grad = None
-                    step()
+                    fresh_step()
                 torch.cuda.synchronize()
             events = prof.key_averages()
             device = sum(e.self_device_time_total for e in events) / 5

@@ -27,26 +27,11 @@ On a bench shape the GPU may still set the pace (the launch queue fills);
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sweep_common import bench_shapes, random_qkv  # noqa: E402
-
-
-def host_us(fn, n: int = 300) -> float:
-    import torch
-
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return host
+from sweep_common import bench_shapes, host_us, print_profile, random_qkv  # noqa: E402
 
 
 def main() -> None:
@@ -125,15 +110,7 @@ def main() -> None:
 
     rows.append(("step, CUDA graph (GPU)", do_bench(graph.replay, warmup=20, rep=200, return_mode="median") * 1e3))
     if "--profile" in sys.argv:
-        import cProfile
-        import pstats
-
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(200):
-            ops._bwd_impl(dout, None, q, k, v, o, l, *tables, *scalars)
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        print_profile(lambda: ops._bwd_impl(dout, None, q, k, v, o, l, *tables, *scalars), top=25)
     print("| part | host us |\n|---|---:|")
     for name, us in rows:
         print(f"| {name} | {us:.1f} |")

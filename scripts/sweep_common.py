@@ -1,6 +1,6 @@
-"""What the tile sweeps (sweep_op.py, sweep_bwd.py) share: the benchmark shapes
-and compiling every variant in worker processes first, so that TileLang's disk
-cache serves the timing process."""
+"""What the scripts share: the benchmark shapes, compiling every variant in worker
+processes first (so that TileLang's disk cache serves the timing process), the
+sweeps' check-and-time step, and the host-time probes' timer and profiler."""
 
 from __future__ import annotations
 
@@ -45,6 +45,38 @@ def time_us(call, warmup: int = 50) -> float:
     from triton.testing import do_bench
 
     return do_bench(call, warmup=warmup, rep=200, return_mode="median") * 1e3
+
+
+def host_us(fn, n: int = 300, warmup: int = 20) -> float:
+    """Mean host time of one call of ``fn``, ``n`` calls back to back with no
+    synchronisation inside (the GPU runs behind; it waits only once the launch
+    queue fills)."""
+    import time
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def print_profile(fn, n: int = 200, top: int = 20) -> None:
+    """cProfile of ``n`` calls of ``fn``: the ``top`` functions by time of their own."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
 def check_and_time(call, poisoned: list, outputs: list, base: list | None, warmup: int = 50):
