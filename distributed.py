@@ -206,6 +206,8 @@ class _SequenceParallelAttention(torch.autograd.Function):
                     dq_travel += gq
                     dk += gk
                     dv += gv
+                if world == 1:  # nothing travels: a rank never sends to itself
+                    break
                 _wait(reqs + _exchange([(dq_travel, nxt)], [(dq_spare, prv)], group))  # dQ follows its queries
                 travel, spare = spare, travel
                 dq_travel, dq_spare = dq_spare, dq_travel

@@ -6,7 +6,8 @@
 #   bench   make run, make bench, bench_op.py forward and forward+backward
 #   train   train.py (kernel vs SDPA + mask, same seed) and the overhead probe
 #   sweeps  backward tiles (sweep_bwd.py) and D=128 forward tiles at two CTAs/SM (sweep_op.py)
-#   sp      (two GPUs) the NCCL test and the 1-vs-2-GPU scaling table
+#   sp      (two or more GPUs) the NCCL tests
+#   scale   the sequence-parallel scaling table (scripts/scale_sp.py; arguments follow)
 #   profile Nsight Compute on the forward of bench_op shapes 1-3 (hardware counters)
 # bench_op.py adds a FlashAttention-4 column when flash_attn.cute imports (/tmp/fa4
 # on PYTHONPATH after tilelang's site: bench_op.py's docstring).
@@ -42,7 +43,11 @@ sweeps)
 sp)
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
   timeout 200 python3 -m pytest tests/test_distributed.py -m gpu -p no:cacheprovider -q 2>&1 | tee "$OUT/dist_gpu.log" | tail -2
-  python3 scripts/scale_sp.py --seqs 65536 131072 262144 --gpus 1 2 2>&1 | grep -v INFO | tee "$OUT/scale_sp.log" | tail -14
+  ;;
+scale)
+  # the rest of the arguments go to scale_sp.py, e.g. scale --seqs 131072 --windows full --modes fwd
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+  python3 scripts/scale_sp.py "${@:2}" --out "$OUT/scale_sp.json" 2>&1 | grep -v INFO | tee -a "$OUT/scale_sp.log" | grep "^|"
   ;;
 profile)
   ncu --clock-control none --profile-from-start off --section SpeedOfLight --section ComputeWorkloadAnalysis \
