@@ -157,6 +157,7 @@ def worker(rank, world, port, cases, shape, results):
     for c in cases:
         res = case(*c)
         if rank == 0:
+            print(f"  [{time.strftime('%H:%M:%S')}] {world} GPU(s) {c}: {res[0]:.1f} ms", file=sys.stderr, flush=True)
             results.put((c, res))
         if cuda:
             torch.cuda.empty_cache()
@@ -178,7 +179,11 @@ def measure(cases, gpus, shape) -> list[dict]:
     print("|---:|---|---|---:|---:|---:|---:|", flush=True)
     for world in sorted(set(gpus) | {1}):  # one GPU first: the efficiencies divide by it
         results = ctx.Queue()
-        mp.spawn(worker, args=(world, free_port(), cases, shape, results), nprocs=world, join=True)
+        if world == 1 and shape is SHAPE:  # the single-device op, in this process
+            worker(0, 1, None, cases, shape, results)
+            torch.cuda.empty_cache()
+        else:
+            mp.spawn(worker, args=(world, free_port(), cases, shape, results), nprocs=world, join=True)
         for _ in cases:
             (seq, window, mode), (total, compute) = results.get()
             t1 = base.setdefault((seq, window, mode), total)
