@@ -38,8 +38,8 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SHAPE = dict(heads=32, kv_heads=8, dim=128, dtype=torch.bfloat16, min_shard=8192)  # the job
-SMOKE = dict(heads=4, kv_heads=2, dim=64, dtype=torch.float32, min_shard=128)  # --smoke: gloo on the CPU
+SHAPE = dict(heads=32, kv_heads=8, dim=128, dtype=torch.bfloat16, min_shard=8192, device="cuda")  # the job
+SMOKE = dict(heads=4, kv_heads=2, dim=64, dtype=torch.float32, min_shard=128, device="cpu")  # --smoke: gloo on the CPU
 BUDGET_S, MAX_REPS = 6.0, 5
 
 
@@ -125,7 +125,7 @@ def worker(rank, world, port, cases, shape, results):
     import distributed
     import swattn
 
-    cuda = torch.cuda.is_available() and shape is SHAPE
+    cuda = shape["device"] == "cuda"  # (a spawned rank gets a copy of the dict: compare by value)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     spmd = world > 1 or not cuda  # the CPU smoke runs one rank through distributed.py too
     if spmd:
@@ -173,13 +173,13 @@ def free_port() -> int:
 
 def measure(cases, gpus, shape) -> list[dict]:
     ctx = mp.get_context("spawn")
-    device = torch.cuda.get_device_name() if shape is SHAPE else "cpu (gloo smoke)"
+    device = torch.cuda.get_device_name() if shape["device"] == "cuda" else "cpu (gloo smoke)"
     base, rows = {}, []
     print("| seq | window | mode | GPUs | ms | efficiency | exposed comm |", flush=True)
     print("|---:|---|---|---:|---:|---:|---:|", flush=True)
     for world in sorted(set(gpus) | {1}):  # one GPU first: the efficiencies divide by it
         results = ctx.Queue()
-        if world == 1 and shape is SHAPE:  # the single-device op, in this process
+        if world == 1 and shape["device"] == "cuda":  # the single-device op, in this process
             worker(0, 1, None, cases, shape, results)
             torch.cuda.empty_cache()
         else:
