@@ -210,7 +210,9 @@ def plot(rows: list[dict], path: Path) -> None:
             pts = sorted((r["gpus"], r["efficiency"]) for r in mine)
             style = "--" if window == "full" else "-"
             ax.plot(*zip(*pts, strict=True), style, marker="o", label=f"{seq // 1024}K, {window}")
-        ax.set(xlabel="GPUs", ylabel="scaling efficiency T(1) / (P T(P))", ylim=(0, 1.05))
+        top = max(1.05, max(r["efficiency"] for r in rows) + 0.05)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set(xlabel="GPUs", ylabel="scaling efficiency T(1) / (P T(P))", ylim=(0, top))
         ax.set_title({"fwd": "forward", "fwdbwd": "forward + backward"}[mode])
         ax.set_xticks(sorted({r["gpus"] for r in rows}))
         ax.grid(alpha=0.3)
