@@ -8,8 +8,10 @@ global_tokens (reference.local_mask). Each spawn runs the whole grid of cases
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -118,3 +120,18 @@ def test_nccl_gpus_match_reference(world):
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} CUDA GPUs")
     mp.spawn(worker, args=(world, free_port(), "nccl"), nprocs=world, join=True)
+
+
+@pytest.mark.slow
+def test_scaling_script_smoke(tmp_path):
+    """scripts/scale_sp.py only ever runs in GPU sessions: its orchestration
+    (one spawn per rank count, forward and forward + backward, JSON + PNG) runs
+    here on gloo ranks with tiny shapes (`--smoke`), so it cannot rot between them."""
+    out = tmp_path / "scale.json"
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "scripts/scale_sp.py", "--smoke", "--out", str(out)], cwd=root, check=True)
+    rows = json.loads(out.read_text())
+    cases = {(r["window"], r["mode"], r["gpus"]) for r in rows}
+    assert cases == {(w, m, g) for w in ("48", "full") for m in ("fwd", "fwdbwd") for g in (1, 2)}
+    assert all(r["ms"] > 0 and 0 < r["efficiency"] and 0 <= r["exposed_comm"] <= 1 for r in rows)
+    assert out.with_suffix(".png").stat().st_size > 0
