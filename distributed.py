@@ -30,7 +30,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from online import block_attention, block_attention_backward, block_visible, empty_state, merge_, window_bounds
+from online import (
+    block_attention,
+    block_attention_backward,
+    block_visible,
+    empty_state,
+    merge_,
+    window_bounds,
+    work_dtype,
+)
 
 
 def _shard_len(q: torch.Tensor, group) -> int:
@@ -111,10 +119,14 @@ class _SequenceParallelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, left, right, global_tokens, scale, group, ring):
         rank, world, n = dist.get_rank(group), dist.get_world_size(group), q.shape[1]
-        out, lse = empty_state(q)
         kv = torch.stack([k, v])
         halo, sends = [], []
         if not ring:
+            # Every row is written once, with all its keys: out in q's dtype, no
+            # float32 state to zero, merge or cast back (three passes over a
+            # float32 copy of the output: ~7 % of a 4-GPU forward, analysis.md).
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[0], q.shape[2], n, dtype=work_dtype(q), device=q.device)
             receives, sends = halo_plan(rank, world, n, left, right)
             bufs = [(torch.empty_like(kv[:, :, :rows]), src) for src, rows in receives]
             reqs = _exchange([(kv[:, :, _rows(n, rows, side)], dst) for dst, rows, side in sends], bufs, group)
@@ -126,7 +138,8 @@ class _SequenceParallelAttention(torch.autograd.Function):
             z = max(n - right, 0) if rank < world - 1 else n
             interior = a < z
             if interior:
-                _write(out, lse, a, block_attention(q[:, a:z], k, v, rank * n + a, rank * n, left, right, 0, scale))
+                block = block_attention(q[:, a:z], k, v, rank * n + a, rank * n, left, right, 0, scale, final=True)
+                _write(out, lse, a, block)
             _wait(reqs)
             for buf, src in bufs:
                 halo.append((buf, src, src * n + (n - buf.shape[2] if src < rank else 0)))
@@ -135,8 +148,10 @@ class _SequenceParallelAttention(torch.autograd.Function):
                 if r0 < r1:
                     # the keys rows r0 .. r1 - 1 can see
                     (kr, vr), k0 = _gather(pieces, rank * n + r0 - left, rank * n + r1 + right)
-                    _write(out, lse, r0, block_attention(q[:, r0:r1], kr, vr, rank * n + r0, k0, left, right, 0, scale))
+                    block = block_attention(q[:, r0:r1], kr, vr, rank * n + r0, k0, left, right, 0, scale, final=True)
+                    _write(out, lse, r0, block)
         else:
+            out, lse = empty_state(q)
             current, spare = kv.contiguous(), torch.empty_like(kv)
             for hop in range(world):
                 nxt, prv = (rank + 1) % world, (rank - 1) % world
@@ -165,14 +180,18 @@ class _SequenceParallelAttention(torch.autograd.Function):
         if dlse is not None:
             delta = delta - dlse.to(lse.dtype)
         delta = delta.contiguous()
-        dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
-        dk = torch.zeros(k.shape, dtype=lse.dtype, device=q.device)
-        dv = torch.zeros(v.shape, dtype=lse.dtype, device=q.device)
+
+        def zeros():
+            return [torch.zeros(x.shape, dtype=lse.dtype, device=q.device) for x in (q, k, v)]
+
         if not ring:
-            if block_visible(rank * n, n, rank * n, n, left, right, 0):
-                g = block_attention_backward(dout, q, k, v, lse, delta, rank * n, rank * n, left, right, 0, scale)
-                for acc, x in zip((dq, dk, dv), g, strict=True):
-                    acc += x
+            # the own block's gradients are fresh float32 tensors: start from them (no zero + add pass)
+            own = block_visible(rank * n, n, rank * n, n, left, right, 0)
+            dq, dk, dv = (
+                block_attention_backward(dout, q, k, v, lse, delta, rank * n, rank * n, left, right, 0, scale)
+                if own
+                else zeros()
+            )
             back = []  # the halo's dK/dV, home to their owners
             for buf, (src, k0) in zip(halo_bufs, ctx.halo, strict=True):
                 gq, gk, gv = block_attention_backward(
@@ -188,6 +207,7 @@ class _SequenceParallelAttention(torch.autograd.Function):
                 dk[:, _rows(n, rows, side)] += buf[0]
                 dv[:, _rows(n, rows, side)] += buf[1]
         else:
+            dq, dk, dv = zeros()
             # The query side travels: (q, dO, lse, delta) fixed, dQ accumulating.
             travel = [x.clone() for x in (q, dout, lse, delta)]  # receive buffers later: never the saved tensors
             spare = [torch.empty_like(x) for x in travel]

@@ -75,13 +75,24 @@ def block_mask(q_offset, q_len, k_offset, k_len, left, right, global_tokens, dev
 
 
 def block_attention(
-    q, k, v, q_offset: int, k_offset: int, left: int, right: int, global_tokens: int = 0, scale: float | None = None
+    q,
+    k,
+    v,
+    q_offset: int,
+    k_offset: int,
+    left: int,
+    right: int,
+    global_tokens: int = 0,
+    scale: float | None = None,
+    final: bool = False,
 ):
     """Partial attention of a query block to a key block at their global offsets.
 
     Returns (out, lse): out (batch, q_len, q_heads, head_dim) float32 (float64 for
     float64 inputs), lse (batch, q_heads, q_len) float32/64, natural log; rows
-    that see no key of the block get 0 and -inf.
+    that see no key of the block get 0 and -inf. ``final``: the block holds
+    every key its rows see (nothing will be merged into it), so out may stay in
+    the kernel's dtype (q's) instead of a float32 copy.
     """
     sq, d, sk = q.shape[1], q.shape[3], k.shape[1]
     touches_global = q_offset < global_tokens or k_offset < global_tokens
@@ -90,7 +101,7 @@ def block_attention(
             q = q * (scale * math.sqrt(d))
         delta = q_offset - k_offset  # local j - i = global (j - i) + delta
         out, lse = swattn.attention_block(q, k, v, left - delta, right + delta)
-        return out.float(), lse
+        return (out if final else out.float()), lse
     mask = block_mask(q_offset, sq, k_offset, sk, left, right, global_tokens, device=q.device)
     return masked_forward(q, k, v, mask, scale)
 
@@ -121,7 +132,7 @@ def block_attention_backward(
 
 def _eager_operands(q, k, v, mask, scale):
     """Working dtype, transposed q and group-repeated k, v, and the masked scaled scores."""
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    work = work_dtype(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     group = q.shape[2] // k.shape[2]
     qt = q.to(work).transpose(1, 2)
@@ -157,10 +168,16 @@ def masked_backward(dout, q, k, v, lse, delta, mask, scale=None):
     return dq, dk, dv
 
 
+def work_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype of the softmax state (lse, merged out) and the gradients: float64
+    for float64 inputs, else float32."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def empty_state(q: torch.Tensor):
     """(out, lse) before any key block, for q (batch, seq, heads, dim): zeros and -inf,
     float32 (float64 for float64 q)."""
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    work = work_dtype(q)
     out = torch.zeros(q.shape, dtype=work, device=q.device)
     lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=work, device=q.device)
     return out, lse
