@@ -1,4 +1,4 @@
-"""Sequence-parallel attention (distributed.py) on 2, 3 and 4 gloo ranks (CPU)
+"""Sequence-parallel attention (distributed.py) on 1, 2, 3 and 4 gloo ranks (CPU)
 against the single-process reference, output, lse and gradients; on two GPUs
 with NCCL when present.
 
