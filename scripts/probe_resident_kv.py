@@ -1,0 +1,257 @@
+"""Experiment (issue 8): a forward whose CTA keeps the sliding window's K/V tiles resident.
+
+    python scripts/probe_resident_kv.py            # on a GPU: check against swattn, then time both
+    python scripts/probe_resident_kv.py --compile  # anywhere: build for sm_90a only
+
+Why: with its K/V loads deleted, the shipped D = 64 forward drops from 178 to
+130 us at (4,16,16,8192,64, W 128) (results/gpu_s6/resident.log): every
+64-row query tile reloads the 5 K/V tiles of its window. Here one CTA walks
+``chunk`` consecutive query tiles of one head, and each K/V tile is loaded
+once per CTA into a ring of ``ring`` shared-memory slots (tile r of the CTA's
+key range lives in slot r % ring), by a producer warpgroup with TMA and
+mbarriers written out by hand (TileLang's T.Pipelined multi-versions whole
+buffers per iteration, which a ring cannot use):
+
+    warpgroup 0   producer: for each key tile r: wait until slot r % ring is
+                  free (both consumers released tile r - ring), TMA K and V
+                  into it, arrive on full[slot]
+    warpgroups    consumers: consumer w takes the CTA's query tiles
+    1, 2          t0 + w, t0 + w + 2, ...; for each, loads its Q tile, walks
+                  the window's key tiles (wait full[slot] at the tile's
+                  phase), the online softmax of the shipped kernel; after a
+                  query tile it releases (arrives on empty[slot]) every key
+                  tile below the window of its next query tile
+
+A slot is refilled only after both consumers released its tile, so the ring
+must hold the key tiles of two consecutive query tiles:
+ceil(left / 64) + floor((right + 63) / 64) + 2 <= ring (6 at W = 128). Both
+consumers walk their window in key order, so the newest tile is needed last:
+its load overlaps the compute over the tiles already resident.
+
+Window: query i sees key j iff -left <= j - i <= right (the repository's one
+definition), left, right >= 0; no dilation or global tokens. D = 64, 64-row
+tiles, GQA by q_heads // kv_heads. Not wired into the op: it first has to be
+correct and faster on the GPU (this script says which).
+"""
+
+import argparse
+import functools
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import tilelang  # noqa: E402
+import tilelang.language as T  # noqa: E402
+
+import swattn  # noqa: E402
+
+BLOCK = 64
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
+
+
+def ring_fits(left: int, right: int, ring: int) -> bool:
+    """The key tiles of two consecutive query tiles fit the ring (else the producer deadlocks)."""
+    return -(-left // BLOCK) + (right + BLOCK - 1) // BLOCK + 2 <= ring
+
+
+@functools.cache
+def make_resident_forward(head_dim: int = 64, dtype: str = "float16", ring: int = 6, chunk: int = 16):
+    accum = "float32"
+    bm = bn = BLOCK
+    regs = swattn.consumer_regs(256, 2)  # two consumer warpgroups, two CTAs per SM: 104
+    batch, seq_len = T.dynamic("batch"), T.dynamic("seq_len")
+    q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
+    scale_log2 = LOG2E / math.sqrt(head_dim)
+    neg_inf = -T.infinity(accum)
+
+    def lo_tile(t, left):
+        return T.max(t * bm - left, 0) // bn
+
+    def hi_tile(t, right):  # exclusive
+        return (T.min(t * bm + bm + right, seq_len) + bn - 1) // bn
+
+    @T.macro
+    def consumer(
+        Q,
+        O,
+        LSE,
+        k_ring,
+        v_ring,
+        full,
+        empty,
+        b,
+        qh,
+        t0,
+        t1,
+        ktlo,
+        n_kt,
+        left,
+        right,
+        w,
+        q_s,
+        s,
+        p,
+        acc,
+        m,
+        m_prev,
+        m_tile,
+        m_safe,
+        alpha,
+        l,
+        l_tile,
+        row_first,
+        row_count,
+        done,
+    ):
+        done[0] = 0  # key tiles (relative to ktlo) this warpgroup has released
+        for j in T.serial(T.max(t1 - t0 - w + 1, 0) // 2):
+            t = t0 + w + 2 * j
+            T.copy(Q[b, t * bm : (t + 1) * bm, qh, :], q_s)
+            T.fill(acc, 0)
+            T.fill(l, 0)
+            T.fill(m, neg_inf)
+            for i in T.Parallel(bm):
+                first, count, _ = swattn.row_keys(t * bm + i, seq_len, left, right, 0, None, T.max, T.min)
+                row_first[i] = first
+                row_count[i] = count
+            lo_t = lo_tile(t, left)
+            for it in T.serial(hi_tile(t, right) - lo_t):
+                r = lo_t + it - ktlo
+                T.mbarrier_wait_parity(full[r % ring], (r // ring) % 2)
+                k0 = (lo_t + it) * bn
+                if swattn.tile_fully_visible(t * bm, k0, bm, bn, seq_len, left, right, 0, False):
+                    T.clear(s)
+                else:
+                    for i, jj in T.Parallel(bm, bn):
+                        seen = swattn.row_sees(k0 + jj, row_first[i], row_count[i])
+                        s[i, jj] = T.Select(seen, T.float32(0), neg_inf)
+                T.gemm(q_s, k_ring[r % ring, :, :], s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                T.copy(m, m_prev)
+                T.reduce_max(s, m_tile, dim=1, clear=True)
+                for i in T.Parallel(bm):
+                    m[i] = T.max(m_prev[i], m_tile[i])
+                    m_safe[i] = T.if_then_else(m[i] == neg_inf, 0, m[i])
+                    alpha[i] = T.exp2(m_prev[i] * scale_log2 - m_safe[i] * scale_log2)
+                for i, jj in T.Parallel(bm, bn):
+                    s[i, jj] = T.exp2(s[i, jj] * scale_log2 - m_safe[i] * scale_log2)
+                T.reduce_sum(s, l_tile, dim=1)
+                for i in T.Parallel(bm):
+                    l[i] = l[i] * alpha[i] + l_tile[i]
+                T.copy(s, p)
+                for i, jj in T.Parallel(bm, head_dim):
+                    acc[i, jj] *= alpha[i]
+                T.gemm(p, v_ring[r % ring, :, :], acc, policy=T.GemmWarpPolicy.FullRow)
+            for i, jj in T.Parallel(bm, head_dim):
+                if t * bm + i < seq_len:
+                    O[b, t * bm + i, qh, jj] = T.if_then_else(l[i] > 0, acc[i, jj] / l[i], 0)
+            for i in T.Parallel(bm):
+                if t * bm + i < seq_len:
+                    LSE[b, qh, t * bm + i] = T.if_then_else(
+                        l[i] > 0, (m_safe[i] * scale_log2 + T.log2(l[i])) * LN2, neg_inf
+                    )
+            # release the key tiles below the window of this warpgroup's next query tile
+            nxt = T.if_then_else(t + 2 < t1, lo_tile(t + 2, left) - ktlo, n_kt)
+            for r in T.serial(nxt - done[0]):
+                T.mbarrier_arrive(empty[(done[0] + r) % ring])
+            done[0] = nxt
+
+    def fragments():
+        return (
+            T.alloc_shared((bm, head_dim), dtype),
+            T.alloc_fragment((bm, bn), accum),
+            T.alloc_fragment((bm, bn), dtype),
+            T.alloc_fragment((bm, head_dim), accum),
+            *(T.alloc_fragment((bm,), accum) for _ in range(7)),
+            T.alloc_fragment((bm,), "int32"),
+            T.alloc_fragment((bm,), "int32"),
+            T.alloc_local((1,), "int32"),
+        )
+
+    @T.prim_func
+    def forward(
+        Q: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
+        K: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
+        V: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
+        O: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
+        LSE: T.Tensor((batch, q_heads, seq_len), accum),
+        left: T.int32,
+        right: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(T.ceildiv(seq_len, bm), chunk), q_heads, batch, threads=384) as (bx, qh, b):
+            T.annotate_min_blocks_per_sm(2)
+            k_ring = T.alloc_shared((ring, bn, head_dim), dtype)
+            v_ring = T.alloc_shared((ring, bn, head_dim), dtype)
+            full = T.alloc_barrier([128] * ring)  # the producer warpgroup's arrivals (+ the TMA bytes)
+            empty = T.alloc_barrier([256] * ring)  # both consumer warpgroups' arrivals
+
+            tx = T.get_thread_binding()
+            n_qt = T.ceildiv(seq_len, bm)
+            t0 = bx * chunk
+            t1 = T.min(t0 + chunk, n_qt)
+            kvh = qh // (q_heads // kv_heads)
+            ktlo = lo_tile(t0, left)
+            n_kt = hi_tile(t1 - 1, right) - ktlo  # key tiles this CTA loads, each once
+
+            frags0, frags1 = fragments(), fragments()
+
+            if tx < 128:
+                T.set_max_nreg(24, 0)
+                for r in T.serial(n_kt):
+                    if r >= ring:  # slot r % ring holds tile r - ring until both consumers release it
+                        T.mbarrier_wait_parity(empty[r % ring], (r // ring - 1) % 2)
+                    kt = ktlo + r
+                    T.tma_copy(K[b, kt * bn : (kt + 1) * bn, kvh, :], k_ring[r % ring, :, :], barrier=full[r % ring])
+                    T.tma_copy(V[b, kt * bn : (kt + 1) * bn, kvh, :], v_ring[r % ring, :, :], barrier=full[r % ring])
+                    T.mbarrier_arrive(full[r % ring])
+            elif tx < 256:
+                T.set_max_nreg(regs, 1)
+                consumer(Q, O, LSE, k_ring, v_ring, full, empty, b, qh, t0, t1, ktlo, n_kt, left, right, 0, *frags0)
+            else:
+                T.set_max_nreg(regs, 1)
+                consumer(Q, O, LSE, k_ring, v_ring, full, empty, b, qh, t0, t1, ktlo, n_kt, left, right, 1, *frags1)
+
+    return forward
+
+
+def build(arch: str = "sm_90a", **kw):
+    fn = make_resident_forward(**kw)
+    return tilelang.compile(fn, target={"kind": "cuda", "arch": arch}, pass_configs={"tl.enable_fast_math": True})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--compile", action="store_true", help="only build for sm_90a (no GPU needed)")
+    p.add_argument("--chunks", type=int, nargs="*", default=[8, 16])
+    args = p.parse_args()
+    if args.compile:
+        kern = build()
+        print("built;", len(kern.get_kernel_source()), "chars of CUDA")
+        return
+    import torch
+
+    import reference as ref
+    from sweep_common import bench_shapes, shape_label, time_us
+
+    ragged = dict(batch=2, seq=1000, q_heads=4, kv_heads=2, head_dim=64, left=100, right=37)  # GQA, seq % 64 != 0
+    for sh in [ragged, *bench_shapes([0, 1])]:  # then the W = 128, D = 64 bench shapes
+        b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
+        left, right = sh["left"], sh["right"]
+        q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.float16)
+        k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.float16) for _ in range(2))
+        want, want_lse = swattn.sliding_window_attention(q, k, v, (left, right), return_lse=True)
+        shipped = time_us(lambda: swattn.sliding_window_attention(q, k, v, (left, right)))
+        print(f"| {shape_label(sh)} | shipped | {shipped:.1f} | - |", flush=True)
+        for chunk in args.chunks:
+            kern = build(chunk=chunk)
+            out = torch.full_like(q, float("nan"))
+            lse = torch.full((b, hq, s), float("nan"), device="cuda")
+            kern(q, k, v, out, lse, left, right)
+            err = max(ref.rel_err(out.float(), want.float()), ref.rel_err(lse, want_lse))
+            us = time_us(lambda kern=kern, out=out, lse=lse: kern(q, k, v, out, lse, left, right))
+            print(f"| {shape_label(sh)} | resident, chunk {chunk} | {us:.1f} | {err:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
