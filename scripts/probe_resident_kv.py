@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tilelang  # noqa: E402
 import tilelang.language as T  # noqa: E402
+from sweep_common import bench_shapes, shape_label, time_us  # noqa: E402
 
 import swattn  # noqa: E402
 
@@ -229,28 +230,32 @@ def main() -> None:
         kern = build()
         print("built;", len(kern.get_kernel_source()), "chars of CUDA")
         return
+    ragged = dict(batch=2, seq=1000, q_heads=4, kv_heads=2, head_dim=64, left=100, right=37)  # GQA, seq % 64 != 0
+    for sh in [ragged, *bench_shapes([0, 1])]:  # then the W = 128, D = 64 bench shapes
+        check_and_time(sh, args.chunks)
+
+
+def check_and_time(sh: dict, chunks: list[int]) -> None:
+    """Against the shipped op: relative error of out and lse (outputs poisoned first), then both timed."""
     import torch
 
     import reference as ref
-    from sweep_common import bench_shapes, shape_label, time_us
 
-    ragged = dict(batch=2, seq=1000, q_heads=4, kv_heads=2, head_dim=64, left=100, right=37)  # GQA, seq % 64 != 0
-    for sh in [ragged, *bench_shapes([0, 1])]:  # then the W = 128, D = 64 bench shapes
-        b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
-        left, right = sh["left"], sh["right"]
-        q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.float16)
-        k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.float16) for _ in range(2))
-        want, want_lse = swattn.sliding_window_attention(q, k, v, (left, right), return_lse=True)
-        shipped = time_us(lambda: swattn.sliding_window_attention(q, k, v, (left, right)))
-        print(f"| {shape_label(sh)} | shipped | {shipped:.1f} | - |", flush=True)
-        for chunk in args.chunks:
-            kern = build(chunk=chunk)
-            out = torch.full_like(q, float("nan"))
-            lse = torch.full((b, hq, s), float("nan"), device="cuda")
-            kern(q, k, v, out, lse, left, right)
-            err = max(ref.rel_err(out.float(), want.float()), ref.rel_err(lse, want_lse))
-            us = time_us(lambda kern=kern, out=out, lse=lse: kern(q, k, v, out, lse, left, right))
-            print(f"| {shape_label(sh)} | resident, chunk {chunk} | {us:.1f} | {err:.1e} |", flush=True)
+    b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
+    window = (sh["left"], sh["right"])
+    q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.float16)
+    k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.float16) for _ in range(2))
+    want, want_lse = swattn.sliding_window_attention(q, k, v, window, return_lse=True)
+    shipped = time_us(functools.partial(swattn.sliding_window_attention, q, k, v, window))
+    print(f"| {shape_label(sh)} | shipped | {shipped:.1f} | - |", flush=True)
+    for chunk in chunks:
+        kern = build(chunk=chunk)
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((b, hq, s), float("nan"), device="cuda")
+        call = functools.partial(kern, q, k, v, out, lse, *window)
+        call()
+        err = max(ref.rel_err(out.float(), want.float()), ref.rel_err(lse, want_lse))
+        print(f"| {shape_label(sh)} | resident, chunk {chunk} | {time_us(call):.1f} | {err:.1e} |", flush=True)
 
 
 if __name__ == "__main__":
