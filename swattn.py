@@ -237,35 +237,56 @@ def make_forward(
                         s[i, j] = T.Select(seen, T.float32(0), neg_inf)
                 T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
 
-                T.copy(m, m_prev)
-                T.reduce_max(s, m_tile, dim=1, clear=True)
-                for i in T.Parallel(block_m):
-                    m[i] = T.max(m_prev[i], m_tile[i])
-                    # -inf max (no visible key yet): exponentiate against 0, not -inf.
-                    m_safe[i] = T.if_then_else(m[i] == neg_inf, 0, m[i])
-                    alpha[i] = T.exp2(m_prev[i] * scale_log2 - m_safe[i] * scale_log2)
-                for i, j in T.Parallel(block_m, block_n):
-                    s[i, j] = T.exp2(s[i, j] * scale_log2 - m_safe[i] * scale_log2)
-                T.reduce_sum(s, l_tile, dim=1)
-                for i in T.Parallel(block_m):
-                    l[i] = l[i] * alpha[i] + l_tile[i]
-                T.copy(s, p)
-                for i, j in T.Parallel(block_m, head_dim):
-                    acc[i, j] *= alpha[i]
+                softmax_step(s, p, acc, m, m_prev, m_tile, m_safe, alpha, l, l_tile, scale_log2)
                 T.copy(V[b, tile_of(it, n_g, lo) * block_n : (tile_of(it, n_g, lo) + 1) * block_n, kvh, :], v_s)
                 T.gemm(p, v_s, acc, policy=T.GemmWarpPolicy.FullRow)
 
-            for i, j in T.Parallel(block_m, head_dim):
-                if bx * block_m + i < seq_len:
-                    O[b, bx * block_m + i, qh, j] = T.if_then_else(l[i] > 0, acc[i, j] / l[i], 0)
-            for i in T.Parallel(block_m):
-                if bx * block_m + i < seq_len:
-                    # lse in natural-log units: (m * scale_log2 + log2 l) * ln 2.
-                    LSE[b, qh, bx * block_m + i] = T.if_then_else(
-                        l[i] > 0, (m_safe[i] * scale_log2 + T.log2(l[i])) * LN2, neg_inf
-                    )
+            write_rows(O, LSE, acc, l, m_safe, b, bx * block_m, qh, seq_len, scale_log2)
 
     return forward
+
+
+@T.macro
+def softmax_step(s, p, acc, m, m_prev, m_tile, m_safe, alpha, l, l_tile, scale_log2):
+    """The online softmax of one key tile, between S = Q K^T (s: raw scores, -inf
+    where masked) and acc += P V: the running row max m (m_prev before), m_safe =
+    m except 0 for a row that has seen no key yet (so exp2 never meets -inf minus
+    -inf), P = exp2((s - m_safe) * scale_log2) into p (s keeps it in float32),
+    and the running sum l and the accumulator rescaled by alpha =
+    exp2((m_prev - m_safe) * scale_log2). Every forward kernel's loop body."""
+    rows, cols, dim = s.shape[0], s.shape[1], acc.shape[1]
+    neg_inf = -T.infinity("float32")
+    T.copy(m, m_prev)
+    T.reduce_max(s, m_tile, dim=1, clear=True)
+    for i in T.Parallel(rows):
+        m[i] = T.max(m_prev[i], m_tile[i])
+        # -inf max (no visible key yet): exponentiate against 0, not -inf.
+        m_safe[i] = T.if_then_else(m[i] == neg_inf, 0, m[i])
+        alpha[i] = T.exp2(m_prev[i] * scale_log2 - m_safe[i] * scale_log2)
+    for i, j in T.Parallel(rows, cols):
+        s[i, j] = T.exp2(s[i, j] * scale_log2 - m_safe[i] * scale_log2)
+    T.reduce_sum(s, l_tile, dim=1)
+    for i in T.Parallel(rows):
+        l[i] = l[i] * alpha[i] + l_tile[i]
+    T.copy(s, p)
+    for i, j in T.Parallel(rows, dim):
+        acc[i, j] *= alpha[i]
+
+
+@T.macro
+def write_rows(O, LSE, acc, l, m_safe, b, row0, qh, seq_len, scale_log2):
+    """The epilogue: rows row0 .. row0 + len(l) - 1 (those below seq_len) of O
+    (acc / l; 0 for a row that saw no key) and LSE (natural log; -inf there)."""
+    rows, dim = acc.shape[0], acc.shape[1]
+    for i, j in T.Parallel(rows, dim):
+        if row0 + i < seq_len:
+            O[b, row0 + i, qh, j] = T.if_then_else(l[i] > 0, acc[i, j] / l[i], 0)
+    for i in T.Parallel(rows):
+        if row0 + i < seq_len:
+            # lse in natural-log units: (m * scale_log2 + log2 l) * ln 2.
+            LSE[b, qh, row0 + i] = T.if_then_else(
+                l[i] > 0, (m_safe[i] * scale_log2 + T.log2(l[i])) * LN2, -T.infinity("float32")
+            )
 
 
 def consumer_regs(consumer_threads: int, occupancy: int, producer_threads: int = 128, producer_regs: int = 24) -> int:

@@ -49,7 +49,6 @@ from sweep_common import bench_shapes, shape_label, time_us  # noqa: E402
 import swattn  # noqa: E402
 
 BLOCK = 64
-LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 
 
 def ring_fits(left: int, right: int, ring: int) -> bool:
@@ -64,7 +63,7 @@ def make_resident_forward(head_dim: int = 64, dtype: str = "float16", ring: int 
     regs = swattn.consumer_regs(256, 2)  # two consumer warpgroups, two CTAs per SM: 104
     batch, seq_len = T.dynamic("batch"), T.dynamic("seq_len")
     q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
-    scale_log2 = LOG2E / math.sqrt(head_dim)
+    scale_log2 = swattn.LOG2E / math.sqrt(head_dim)
     neg_inf = -T.infinity(accum)
 
     def lo_tile(t, left):
@@ -129,29 +128,9 @@ def make_resident_forward(head_dim: int = 64, dtype: str = "float16", ring: int 
                         seen = swattn.row_sees(k0 + jj, row_first[i], row_count[i])
                         s[i, jj] = T.Select(seen, T.float32(0), neg_inf)
                 T.gemm(q_s, k_ring[r % ring, :, :], s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                T.copy(m, m_prev)
-                T.reduce_max(s, m_tile, dim=1, clear=True)
-                for i in T.Parallel(bm):
-                    m[i] = T.max(m_prev[i], m_tile[i])
-                    m_safe[i] = T.if_then_else(m[i] == neg_inf, 0, m[i])
-                    alpha[i] = T.exp2(m_prev[i] * scale_log2 - m_safe[i] * scale_log2)
-                for i, jj in T.Parallel(bm, bn):
-                    s[i, jj] = T.exp2(s[i, jj] * scale_log2 - m_safe[i] * scale_log2)
-                T.reduce_sum(s, l_tile, dim=1)
-                for i in T.Parallel(bm):
-                    l[i] = l[i] * alpha[i] + l_tile[i]
-                T.copy(s, p)
-                for i, jj in T.Parallel(bm, head_dim):
-                    acc[i, jj] *= alpha[i]
+                swattn.softmax_step(s, p, acc, m, m_prev, m_tile, m_safe, alpha, l, l_tile, scale_log2)
                 T.gemm(p, v_ring[r % ring, :, :], acc, policy=T.GemmWarpPolicy.FullRow)
-            for i, jj in T.Parallel(bm, head_dim):
-                if t * bm + i < seq_len:
-                    O[b, t * bm + i, qh, jj] = T.if_then_else(l[i] > 0, acc[i, jj] / l[i], 0)
-            for i in T.Parallel(bm):
-                if t * bm + i < seq_len:
-                    LSE[b, qh, t * bm + i] = T.if_then_else(
-                        l[i] > 0, (m_safe[i] * scale_log2 + T.log2(l[i])) * LN2, neg_inf
-                    )
+            swattn.write_rows(O, LSE, acc, l, m_safe, b, t * bm, qh, seq_len, scale_log2)
             # release the key tiles below the window of this warpgroup's next query tile
             nxt = T.if_then_else(t + 2 < t1, lo_tile(t + 2, left) - ktlo, n_kt)
             for r in T.serial(nxt - done[0]):
