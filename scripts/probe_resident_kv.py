@@ -203,7 +203,7 @@ def build(arch: str = "sm_90a", **kw):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--compile", action="store_true", help="only build for sm_90a (no GPU needed)")
-    p.add_argument("--chunks", type=int, nargs="*", default=[8, 16])
+    p.add_argument("--chunks", type=int, nargs="*", default=[8, 16, 32])
     args = p.parse_args()
     if args.compile:
         kern = build()
