@@ -22,8 +22,12 @@ buffers per iteration, which a ring cannot use):
                   query tile it releases (arrives on empty[slot]) every key
                   tile below the window of its next query tile
 
-A slot is refilled only after both consumers released its tile, so the ring
-must hold the key tiles of two consecutive query tiles:
+A consumer arrives for a tile only after it has seen the tile's fill (else a
+consumer running ahead could complete the slot's previous phase while the
+other still reads it: tests/test_experiments.py models the protocol and
+finds that race without the wait). A slot is refilled only after both
+consumers released its tile, so the ring must hold the key tiles of two
+consecutive query tiles:
 ceil(left / 64) + floor((right + 63) / 64) + 2 <= ring (6 at W = 128). Both
 consumers walk their window in key order, so the newest tile is needed last:
 its load overlaps the compute over the tiles already resident.
@@ -51,6 +55,24 @@ import swattn  # noqa: E402
 BLOCK = 64
 
 
+def key_tiles(t, left, right, seq_len, maximum=max, minimum=min):
+    """Key tiles [lo, hi) that query tile t's window reaches (the kernel's with
+    T.max/T.min, the protocol model's with Python's)."""
+    lo = maximum(t * BLOCK - left, 0) // BLOCK
+    hi = (minimum(t * BLOCK + BLOCK + right, seq_len) + BLOCK - 1) // BLOCK
+    return lo, hi
+
+
+def released_after(t, t1, left, right, seq_len, ktlo, n_kt, maximum=max, minimum=min, select=None):
+    """After query tile t a consumer has released every key tile (relative to the
+    CTA's first, ktlo) below the window of its next query tile t + 2, or all
+    n_kt once t was its last."""
+    nxt = key_tiles(t + 2, left, right, seq_len, maximum, minimum)[0] - ktlo
+    if select is None:
+        return nxt if t + 2 < t1 else n_kt
+    return select(t + 2 < t1, nxt, n_kt)
+
+
 def ring_fits(left: int, right: int, ring: int) -> bool:
     """The key tiles of two consecutive query tiles fit the ring (else the producer deadlocks)."""
     return -(-left // BLOCK) + (right + BLOCK - 1) // BLOCK + 2 <= ring
@@ -67,10 +89,10 @@ def make_resident_forward(head_dim: int = 64, dtype: str = "float16", ring: int 
     neg_inf = -T.infinity(accum)
 
     def lo_tile(t, left):
-        return T.max(t * bm - left, 0) // bn
+        return key_tiles(t, left, 0, seq_len, T.max, T.min)[0]
 
     def hi_tile(t, right):  # exclusive
-        return (T.min(t * bm + bm + right, seq_len) + bn - 1) // bn
+        return key_tiles(t, 0, right, seq_len, T.max, T.min)[1]
 
     @T.macro
     def consumer(
@@ -132,8 +154,13 @@ def make_resident_forward(head_dim: int = 64, dtype: str = "float16", ring: int 
                 T.gemm(p, v_ring[r % ring, :, :], acc, policy=T.GemmWarpPolicy.FullRow)
             swattn.write_rows(O, LSE, acc, l, m_safe, b, t * bm, qh, seq_len, scale_log2)
             # release the key tiles below the window of this warpgroup's next query tile
-            nxt = T.if_then_else(t + 2 < t1, lo_tile(t + 2, left) - ktlo, n_kt)
+            nxt = released_after(t, t1, left, right, seq_len, ktlo, n_kt, T.max, T.min, T.if_then_else)
             for r in T.serial(nxt - done[0]):
+                # Arrive for a tile only once its fill is seen: releasing ahead (the
+                # tiles past this window, at the end or for small windows) could
+                # otherwise complete the slot's previous phase while the other
+                # consumer still reads the tile there.
+                T.mbarrier_wait_parity(full[(done[0] + r) % ring], ((done[0] + r) // ring) % 2)
                 T.mbarrier_arrive(empty[(done[0] + r) % ring])
             done[0] = nxt
 
