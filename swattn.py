@@ -249,12 +249,23 @@ def make_forward(
 @T.macro
 def softmax_step(s, p, acc, m, m_prev, m_tile, m_safe, alpha, l, l_tile, scale_log2):
     """The online softmax of one key tile, between S = Q K^T (s: raw scores, -inf
-    where masked) and acc += P V: the running row max m (m_prev before), m_safe =
-    m except 0 for a row that has seen no key yet (so exp2 never meets -inf minus
-    -inf), P = exp2((s - m_safe) * scale_log2) into p (s keeps it in float32),
-    and the running sum l and the accumulator rescaled by alpha =
-    exp2((m_prev - m_safe) * scale_log2). Every forward kernel's loop body."""
-    rows, cols, dim = s.shape[0], s.shape[1], acc.shape[1]
+    where masked) and acc += P V: ``softmax_scores``, then P into p (in q's
+    dtype) and the accumulator rescaled by alpha. Every forward kernel's loop body."""
+    softmax_scores(s, m, m_prev, m_tile, m_safe, alpha, l, l_tile, scale_log2)
+    T.copy(s, p)
+    for i, j in T.Parallel(acc.shape[0], acc.shape[1]):
+        acc[i, j] *= alpha[i]
+
+
+@T.macro
+def softmax_scores(s, m, m_prev, m_tile, m_safe, alpha, l, l_tile, scale_log2):
+    """The statistics half of ``softmax_step``: the running row max m (m_prev
+    before), m_safe = m except 0 for a row that has seen no key yet (so exp2
+    never meets -inf minus -inf), s = exp2((s - m_safe) * scale_log2), alpha =
+    exp2((m_prev - m_safe) * scale_log2) and the running sum l rescaled by it.
+    The accumulator's rescale is the caller's (an overlapped loop does it only
+    once the previous tile's P V has finished)."""
+    rows, cols = s.shape[0], s.shape[1]
     neg_inf = -T.infinity("float32")
     T.copy(m, m_prev)
     T.reduce_max(s, m_tile, dim=1, clear=True)
@@ -268,9 +279,6 @@ def softmax_step(s, p, acc, m, m_prev, m_tile, m_safe, alpha, l, l_tile, scale_l
     T.reduce_sum(s, l_tile, dim=1)
     for i in T.Parallel(rows):
         l[i] = l[i] * alpha[i] + l_tile[i]
-    T.copy(s, p)
-    for i, j in T.Parallel(rows, dim):
-        acc[i, j] *= alpha[i]
 
 
 @T.macro
