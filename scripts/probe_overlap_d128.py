@@ -1,0 +1,221 @@
+"""Experiment (issue 8): the D = 128 forward with FA3's intra-warpgroup overlap,
+on a hand-written TMA/mbarrier pipeline.
+
+    python scripts/probe_overlap_d128.py            # on a GPU: check against swattn, then time both
+    python scripts/probe_overlap_d128.py --compile  # anywhere: build for sm_90a only
+
+Why: at D = 128 the forward is compute-bound and FlashAttention-4 leads
+(943 vs 1124 us at (4,16,16,8192,128, W 1024)) by overlapping each key
+tile's softmax with the tensor cores. Session 5 tried that inside
+T.Pipelined (commit 1416b64): correct but slower, because TileLang releases a
+K/V stage as soon as the asynchronous GEMM that reads it is issued, and the
+workaround (a copy of the V tile per step) cost more than the overlap won.
+Here the pipeline is written by hand (as in scripts/probe_resident_kv.py), so
+a stage is released only once the P V GEMM reading it has finished:
+
+    warpgroup 0   producer: K and V tiles of the query tile's window into a
+                  two-stage ring (TMA, full/empty mbarriers)
+    warpgroups    consumers, 64 query rows each of a 128-row tile, both on
+    1, 2          the same key tiles. Per key tile j >= 1:
+                    issue S_j = Q K_j^T            (async wgmma)
+                    issue O += P_{j-1} V_{j-1}     (async wgmma)
+                    wait for S_j; softmax statistics of S_j (overlaps P V)
+                    wait for P V; release stage j-1; O *= alpha_j; P_j = exp(S_j)
+                  then the last P V, and the epilogue.
+
+Window: query i sees key j iff -left <= j - i <= right (the repository's one
+definition); no dilation or global tokens. GQA by q_heads // kv_heads. Not
+wired into the op until it is correct and faster on the GPU.
+"""
+
+import argparse
+import functools
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import tilelang  # noqa: E402
+import tilelang.language as T  # noqa: E402
+from sweep_common import bench_shapes, shape_label, time_us  # noqa: E402
+
+import swattn  # noqa: E402
+
+ROWS, BLOCK_N, STAGES = 64, 128, 2  # rows per consumer warpgroup, keys per tile, ring depth
+
+
+@functools.cache
+def make_overlap_forward(head_dim: int = 128, dtype: str = "float16"):
+    accum = "float32"
+    block_m = 2 * ROWS  # the CTA's query tile: two consumer warpgroups
+    regs = swattn.consumer_regs(256, 1)  # 240: one CTA per SM
+    batch, seq_len = T.dynamic("batch"), T.dynamic("seq_len")
+    q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
+    scale_log2 = swattn.LOG2E / math.sqrt(head_dim)
+    neg_inf = -T.infinity(accum)
+
+    @T.macro
+    def scores_init(s, q0, k0, row_first, row_count, left, right):
+        """S before Q K^T accumulates into it: 0 where the key is seen, -inf where masked."""
+        if swattn.tile_fully_visible(q0, k0, ROWS, BLOCK_N, seq_len, left, right, 0, False):
+            T.clear(s)
+        else:
+            for i, j in T.Parallel(ROWS, BLOCK_N):
+                s[i, j] = T.Select(swattn.row_sees(k0 + j, row_first[i], row_count[i]), T.float32(0), neg_inf)
+
+    @T.macro
+    def consumer(
+        Q,
+        O,
+        LSE,
+        k_ring,
+        v_ring,
+        full,
+        empty,
+        b,
+        qh,
+        q0,
+        lo,
+        n,
+        left,
+        right,
+        q_s,
+        s,
+        p,
+        acc,
+        m,
+        m_prev,
+        m_tile,
+        m_safe,
+        alpha,
+        l,
+        l_tile,
+        row_first,
+        row_count,
+    ):
+        T.copy(Q[b, q0 : q0 + ROWS, qh, :], q_s)
+        T.fill(acc, 0)
+        T.fill(l, 0)
+        T.fill(m, neg_inf)
+        for i in T.Parallel(ROWS):
+            first, count, _ = swattn.row_keys(q0 + i, seq_len, left, right, 0, None, T.max, T.min)
+            row_first[i] = first
+            row_count[i] = count
+        if n > 0:
+            T.mbarrier_wait_parity(full[0], 0)
+            scores_init(s, q0, lo * BLOCK_N, row_first, row_count, left, right)
+            T.gemm(q_s, k_ring[0, :, :], s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+            swattn.softmax_scores(s, m, m_prev, m_tile, m_safe, alpha, l, l_tile, scale_log2)
+            T.copy(s, p)  # acc is still 0: nothing to rescale
+            for j in T.serial(n - 1):
+                it = j + 1
+                T.mbarrier_wait_parity(full[it % STAGES], (it // STAGES) % 2)
+                scores_init(s, q0, (lo + it) * BLOCK_N, row_first, row_count, left, right)
+                T.wgmma_gemm(q_s, k_ring[it % STAGES, :, :], s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                T.wgmma_gemm(p, v_ring[j % STAGES, :, :], acc, policy=T.GemmWarpPolicy.FullRow)
+                T.wait_wgmma(1)  # S_it is ready; P_j V_j may still run
+                swattn.softmax_scores(s, m, m_prev, m_tile, m_safe, alpha, l, l_tile, scale_log2)
+                T.wait_wgmma(0)  # P_j V_j done: stage j is free, p and acc may change
+                T.mbarrier_arrive(empty[j % STAGES])
+                for i, d in T.Parallel(ROWS, head_dim):
+                    acc[i, d] *= alpha[i]
+                T.copy(s, p)
+            T.gemm(p, v_ring[(n - 1) % STAGES, :, :], acc, policy=T.GemmWarpPolicy.FullRow)
+            T.mbarrier_arrive(empty[(n - 1) % STAGES])
+        swattn.write_rows(O, LSE, acc, l, m_safe, b, q0, qh, seq_len, scale_log2)
+
+    def fragments():
+        return (
+            T.alloc_shared((ROWS, head_dim), dtype),
+            T.alloc_fragment((ROWS, BLOCK_N), accum),
+            T.alloc_fragment((ROWS, BLOCK_N), dtype),
+            T.alloc_fragment((ROWS, head_dim), accum),
+            *(T.alloc_fragment((ROWS,), accum) for _ in range(7)),
+            T.alloc_fragment((ROWS,), "int32"),
+            T.alloc_fragment((ROWS,), "int32"),
+        )
+
+    @T.prim_func
+    def forward(
+        Q: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
+        K: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
+        V: T.Tensor((batch, seq_len, kv_heads, head_dim), dtype),
+        O: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
+        LSE: T.Tensor((batch, q_heads, seq_len), accum),
+        left: T.int32,
+        right: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(seq_len, block_m), q_heads, batch, threads=384) as (bx, qh, b):
+            T.annotate_min_blocks_per_sm(1)
+            k_ring = T.alloc_shared((STAGES, BLOCK_N, head_dim), dtype)
+            v_ring = T.alloc_shared((STAGES, BLOCK_N, head_dim), dtype)
+            full = T.alloc_barrier([128] * STAGES)  # the producer warpgroup's arrivals (+ the TMA bytes)
+            empty = T.alloc_barrier([256] * STAGES)  # both consumer warpgroups, once each per tile
+            tx = T.get_thread_binding()
+            kvh = qh // (q_heads // kv_heads)
+            _, lo, hi = swattn.key_tile_schedule(bx, seq_len, left, right, 0, block_m, BLOCK_N, T.max, T.min)
+            n = hi - lo
+            frags0, frags1 = fragments(), fragments()
+            if tx < 128:
+                T.set_max_nreg(24, 0)
+                for it in T.serial(n):
+                    if it >= STAGES:
+                        T.mbarrier_wait_parity(empty[it % STAGES], (it // STAGES - 1) % 2)
+                    k0 = (lo + it) * BLOCK_N
+                    T.tma_copy(K[b, k0 : k0 + BLOCK_N, kvh, :], k_ring[it % STAGES, :, :], barrier=full[it % STAGES])
+                    T.tma_copy(V[b, k0 : k0 + BLOCK_N, kvh, :], v_ring[it % STAGES, :, :], barrier=full[it % STAGES])
+                    T.mbarrier_arrive(full[it % STAGES])
+            elif tx < 256:
+                T.set_max_nreg(regs, 1)
+                shared = (Q, O, LSE, k_ring, v_ring, full, empty, b, qh)
+                consumer(*shared, bx * block_m, lo, n, left, right, *frags0)
+            else:
+                T.set_max_nreg(regs, 1)
+                shared = (Q, O, LSE, k_ring, v_ring, full, empty, b, qh)
+                consumer(*shared, bx * block_m + ROWS, lo, n, left, right, *frags1)
+
+    return forward
+
+
+def build(arch: str = "sm_90a", **kw):
+    fn = make_overlap_forward(**kw)
+    return tilelang.compile(fn, target={"kind": "cuda", "arch": arch}, pass_configs={"tl.enable_fast_math": True})
+
+
+def check_and_time(sh: dict, kern) -> None:
+    """Against the shipped op: relative error of out and lse (outputs poisoned first), then both timed."""
+    import torch
+
+    import reference as ref
+
+    b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
+    window = (sh["left"], sh["right"])
+    q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.float16)
+    k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.float16) for _ in range(2))
+    want, want_lse = swattn.sliding_window_attention(q, k, v, window, return_lse=True)
+    shipped = time_us(functools.partial(swattn.sliding_window_attention, q, k, v, window))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((b, hq, s), float("nan"), device="cuda")
+    call = functools.partial(kern, q, k, v, out, lse, *window)
+    call()
+    err = max(ref.rel_err(out.float(), want.float()), ref.rel_err(lse, want_lse))
+    print(f"| {shape_label(sh)} | shipped | {shipped:.1f} | - |", flush=True)
+    print(f"| {shape_label(sh)} | overlap 128x128 | {time_us(call):.1f} | {err:.1e} |", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--compile", action="store_true", help="only build for sm_90a (no GPU needed)")
+    args = p.parse_args()
+    kern = build()
+    if args.compile:
+        print("built;", len(kern.get_kernel_source()), "chars of CUDA")
+        return
+    ragged = dict(batch=2, seq=1000, q_heads=4, kv_heads=2, head_dim=128, left=300, right=0)  # GQA, causal-like
+    for sh in [ragged, *bench_shapes([3, 4])]:  # then the D = 128 bench shapes
+        check_and_time(sh, kern)
+
+
+if __name__ == "__main__":
+    main()
