@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tilelang  # noqa: E402
 import tilelang.language as T  # noqa: E402
-from sweep_common import bench_shapes, shape_label, time_us  # noqa: E402
+import ws_common  # noqa: E402
+from sweep_common import bench_shapes, compare_experiment  # noqa: E402
 
 import swattn  # noqa: E402
 
@@ -94,14 +95,7 @@ def make_overlap_forward(head_dim: int = 128, dtype: str = "float16"):
         row_first,
         row_count,
     ):
-        T.copy(Q[b, q0 : q0 + ROWS, qh, :], q_s)
-        T.fill(acc, 0)
-        T.fill(l, 0)
-        T.fill(m, neg_inf)
-        for i in T.Parallel(ROWS):
-            first, count, _ = swattn.row_keys(q0 + i, seq_len, left, right, 0, None, T.max, T.min)
-            row_first[i] = first
-            row_count[i] = count
+        ws_common.start_query_tile(Q, q_s, acc, l, m, row_first, row_count, b, q0, qh, seq_len, left, right)
         if n > 0:
             T.mbarrier_wait_parity(full[0], 0)
             scores_init(s, q0, lo * BLOCK_N, row_first, row_count, left, right)
@@ -125,17 +119,6 @@ def make_overlap_forward(head_dim: int = 128, dtype: str = "float16"):
             T.mbarrier_arrive(empty[(n - 1) % STAGES])
         swattn.write_rows(O, LSE, acc, l, m_safe, b, q0, qh, seq_len, scale_log2)
 
-    def fragments():
-        return (
-            T.alloc_shared((ROWS, head_dim), dtype),
-            T.alloc_fragment((ROWS, BLOCK_N), accum),
-            T.alloc_fragment((ROWS, BLOCK_N), dtype),
-            T.alloc_fragment((ROWS, head_dim), accum),
-            *(T.alloc_fragment((ROWS,), accum) for _ in range(7)),
-            T.alloc_fragment((ROWS,), "int32"),
-            T.alloc_fragment((ROWS,), "int32"),
-        )
-
     @T.prim_func
     def forward(
         Q: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
@@ -156,7 +139,7 @@ def make_overlap_forward(head_dim: int = 128, dtype: str = "float16"):
             kvh = qh // (q_heads // kv_heads)
             _, lo, hi = swattn.key_tile_schedule(bx, seq_len, left, right, 0, block_m, BLOCK_N, T.max, T.min)
             n = hi - lo
-            frags0, frags1 = fragments(), fragments()
+            frags0, frags1 = (ws_common.consumer_state(ROWS, BLOCK_N, head_dim, dtype) for _ in range(2))
             if tx < 128:
                 T.set_max_nreg(24, 0)
                 for it in T.serial(n):
@@ -183,27 +166,6 @@ def build(arch: str = "sm_90a", **kw):
     return tilelang.compile(fn, target={"kind": "cuda", "arch": arch}, pass_configs={"tl.enable_fast_math": True})
 
 
-def check_and_time(sh: dict, kern) -> None:
-    """Against the shipped op: relative error of out and lse (outputs poisoned first), then both timed."""
-    import torch
-
-    import reference as ref
-
-    b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
-    window = (sh["left"], sh["right"])
-    q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.float16)
-    k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.float16) for _ in range(2))
-    want, want_lse = swattn.sliding_window_attention(q, k, v, window, return_lse=True)
-    shipped = time_us(functools.partial(swattn.sliding_window_attention, q, k, v, window))
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full((b, hq, s), float("nan"), device="cuda")
-    call = functools.partial(kern, q, k, v, out, lse, *window)
-    call()
-    err = max(ref.rel_err(out.float(), want.float()), ref.rel_err(lse, want_lse))
-    print(f"| {shape_label(sh)} | shipped | {shipped:.1f} | - |", flush=True)
-    print(f"| {shape_label(sh)} | overlap 128x128 | {time_us(call):.1f} | {err:.1e} |", flush=True)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--compile", action="store_true", help="only build for sm_90a (no GPU needed)")
@@ -214,7 +176,7 @@ def main() -> None:
         return
     ragged = dict(batch=2, seq=1000, q_heads=4, kv_heads=2, head_dim=128, left=300, right=0)  # GQA, causal-like
     for sh in [ragged, *bench_shapes([3, 4])]:  # then the D = 128 bench shapes
-        check_and_time(sh, kern)
+        compare_experiment(sh, kern, "overlap 128x128")
 
 
 if __name__ == "__main__":

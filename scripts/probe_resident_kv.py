@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tilelang  # noqa: E402
 import tilelang.language as T  # noqa: E402
-from sweep_common import bench_shapes, shape_label, time_us  # noqa: E402
+import ws_common  # noqa: E402
+from sweep_common import bench_shapes, compare_experiment  # noqa: E402
 
 import swattn  # noqa: E402
 
@@ -130,14 +131,7 @@ def make_resident_forward(head_dim: int = 64, dtype: str = "float16", ring: int 
         done[0] = 0  # key tiles (relative to ktlo) this warpgroup has released
         for j in T.serial(T.max(t1 - t0 - w + 1, 0) // 2):
             t = t0 + w + 2 * j
-            T.copy(Q[b, t * bm : (t + 1) * bm, qh, :], q_s)
-            T.fill(acc, 0)
-            T.fill(l, 0)
-            T.fill(m, neg_inf)
-            for i in T.Parallel(bm):
-                first, count, _ = swattn.row_keys(t * bm + i, seq_len, left, right, 0, None, T.max, T.min)
-                row_first[i] = first
-                row_count[i] = count
+            ws_common.start_query_tile(Q, q_s, acc, l, m, row_first, row_count, b, t * bm, qh, seq_len, left, right)
             lo_t = lo_tile(t, left)
             for it in T.serial(hi_tile(t, right) - lo_t):
                 r = lo_t + it - ktlo
@@ -164,18 +158,6 @@ def make_resident_forward(head_dim: int = 64, dtype: str = "float16", ring: int 
                 T.mbarrier_arrive(empty[(done[0] + r) % ring])
             done[0] = nxt
 
-    def fragments():
-        return (
-            T.alloc_shared((bm, head_dim), dtype),
-            T.alloc_fragment((bm, bn), accum),
-            T.alloc_fragment((bm, bn), dtype),
-            T.alloc_fragment((bm, head_dim), accum),
-            *(T.alloc_fragment((bm,), accum) for _ in range(7)),
-            T.alloc_fragment((bm,), "int32"),
-            T.alloc_fragment((bm,), "int32"),
-            T.alloc_local((1,), "int32"),
-        )
-
     @T.prim_func
     def forward(
         Q: T.Tensor((batch, seq_len, q_heads, head_dim), dtype),
@@ -201,7 +183,9 @@ def make_resident_forward(head_dim: int = 64, dtype: str = "float16", ring: int 
             ktlo = lo_tile(t0, left)
             n_kt = hi_tile(t1 - 1, right) - ktlo  # key tiles this CTA loads, each once
 
-            frags0, frags1 = fragments(), fragments()
+            frags0, frags1 = (
+                (*ws_common.consumer_state(bm, bn, head_dim, dtype), T.alloc_local((1,), "int32")) for _ in range(2)
+            )
 
             if tx < 128:
                 T.set_max_nreg(24, 0)
@@ -238,30 +222,8 @@ def main() -> None:
         return
     ragged = dict(batch=2, seq=1000, q_heads=4, kv_heads=2, head_dim=64, left=100, right=37)  # GQA, seq % 64 != 0
     for sh in [ragged, *bench_shapes([0, 1])]:  # then the W = 128, D = 64 bench shapes
-        check_and_time(sh, args.chunks)
-
-
-def check_and_time(sh: dict, chunks: list[int]) -> None:
-    """Against the shipped op: relative error of out and lse (outputs poisoned first), then both timed."""
-    import torch
-
-    import reference as ref
-
-    b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
-    window = (sh["left"], sh["right"])
-    q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.float16)
-    k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.float16) for _ in range(2))
-    want, want_lse = swattn.sliding_window_attention(q, k, v, window, return_lse=True)
-    shipped = time_us(functools.partial(swattn.sliding_window_attention, q, k, v, window))
-    print(f"| {shape_label(sh)} | shipped | {shipped:.1f} | - |", flush=True)
-    for chunk in chunks:
-        kern = build(chunk=chunk)
-        out = torch.full_like(q, float("nan"))
-        lse = torch.full((b, hq, s), float("nan"), device="cuda")
-        call = functools.partial(kern, q, k, v, out, lse, *window)
-        call()
-        err = max(ref.rel_err(out.float(), want.float()), ref.rel_err(lse, want_lse))
-        print(f"| {shape_label(sh)} | resident, chunk {chunk} | {time_us(call):.1f} | {err:.1e} |", flush=True)
+        for chunk in args.chunks:
+            compare_experiment(sh, build(chunk=chunk), f"resident, chunk {chunk}")
 
 
 if __name__ == "__main__":

@@ -93,3 +93,41 @@ def check_and_time(call, poisoned: list, outputs: list, base: list | None, warmu
     base = got if base is None else base
     err = max(ref.rel_err(x, y) for x, y in zip(got, base, strict=True))
     return time_us(call, warmup), err, base
+
+
+def compare_experiment(sh: dict, kern, label: str) -> None:
+    """An experimental forward ``kern(q, k, v, out, lse, left, right)`` (window
+    mode, float16) against the shipped kernel on shape ``sh``, both called raw
+    (no launcher): outputs poisoned first, the error of out and lse against the
+    float64 oracle (reference.attention_ref) when the shape is small enough,
+    else against the shipped kernel (which the tests hold to the oracle); then
+    both timed. Prints one table row each."""
+    import functools
+
+    import torch
+
+    import reference as ref
+    import swattn
+
+    b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
+    left, right = sh["left"], sh["right"]
+    q, k, v = random_qkv(sh, torch.float16)
+    rows = []
+    for name, call in [
+        ("shipped", swattn.compiled_forward(d, "float16", "sm_90a", None, "window")),
+        (label, kern),
+    ]:
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((b, hq, s), float("nan"), device="cuda")
+        extra = swattn._placeholders(q.device) if name == "shipped" else ()
+        scalars = (left, right, 0, hq, hk, s, 1) if name == "shipped" else (left, right)
+        run = functools.partial(call, q, k, v, out, lse, *extra, *scalars)
+        run()
+        rows.append((name, run, out, lse))
+    if b * hq * s * s <= 2**27:  # the dense float64 oracle fits
+        want, want_lse = ref.attention_ref(q, k, v, ref.local_mask(s, left, right, device=q.device), return_lse=True)
+    else:
+        want, want_lse = rows[0][2], rows[0][3]
+    for name, run, out, lse in rows:
+        err = max(ref.rel_err(out.double(), want.double()), ref.rel_err(lse.double(), want_lse.double()))
+        print(f"| {shape_label(sh)} | {name} | {time_us(run):.1f} | {err:.1e} |", flush=True)
