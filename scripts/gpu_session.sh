@@ -8,7 +8,8 @@
 #   sweeps  backward tiles (sweep_bwd.py) and D=128 forward tiles at two CTAs/SM (sweep_op.py)
 #   sp      (two or more GPUs) the NCCL tests
 #   scale   the sequence-parallel scaling table (scripts/scale_sp.py; arguments follow)
-#   experiments  the hand-written-pipeline forwards (probe_resident_kv.py, probe_overlap_d128.py)
+#   experiments  the hand-written-pipeline forwards (probe_resident_kv.py, probe_overlap_d128.py,
+#           probe_assignment_split.py)
 #   profile Nsight Compute on the forward of bench_op shapes 1-3 (hardware counters)
 # bench_op.py adds a FlashAttention-4 column when flash_attn.cute imports (/tmp/fa4
 # on PYTHONPATH after tilelang's site: bench_op.py's docstring).
@@ -54,6 +55,7 @@ experiments)
   # issue 8's hand-written-pipeline experiments: correctness vs the op, then timings
   timeout 240 python3 scripts/probe_resident_kv.py 2>&1 | grep -v INFO | tee "$OUT/resident.log" | grep -E "^\||Error"
   timeout 240 python3 scripts/probe_overlap_d128.py 2>&1 | grep -v INFO | tee "$OUT/overlap.log" | grep -E "^\||Error"
+  timeout 240 python3 scripts/probe_assignment_split.py 2>&1 | grep -v INFO | tee "$OUT/assignment_split.log" | grep -E "^\||Error"
   ;;
 profile)
   ncu --clock-control none --profile-from-start off --section SpeedOfLight --section ComputeWorkloadAnalysis \

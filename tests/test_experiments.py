@@ -182,3 +182,12 @@ def test_resident_kernel_builds_sm90a():
     source = probe.build().get_kernel_source()
     assert "tma_load" in source and "warpgroup_reg_alloc<104>" in source  # producer TMA, register split
     assert "__launch_bounds__(384, 2)" in source
+
+
+@pytest.mark.slow
+def test_assignment_split_kernel_builds_sm90a():
+    import probe_assignment_split as probe
+
+    assert probe.tiles_needed(2048, 128) == 5  # one warpgroup per key tile of the card's window
+    source = probe.build().get_kernel_source()
+    assert "__launch_bounds__(640, 1)" in source and source.count("tma_load(K_desc") == 5
