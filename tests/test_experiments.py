@@ -191,3 +191,7 @@ def test_assignment_split_kernel_builds_sm90a():
     assert probe.tiles_needed(2048, 128) == 5  # one warpgroup per key tile of the card's window
     source = probe.build().get_kernel_source()
     assert "__launch_bounds__(640, 1)" in source and source.count("tma_load(K_desc") == 5
+    # three warpgroups, two tiles each at most (online softmax within a warpgroup)
+    assert "__launch_bounds__(384, 1)" in probe.build(groups=3).get_kernel_source()
+    with pytest.raises(ValueError, match="groups must be"):
+        probe.make_split_kernel(2048, 64, 128, groups=6)
