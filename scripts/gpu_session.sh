@@ -53,9 +53,9 @@ scale)
   ;;
 experiments)
   # issue 8's hand-written-pipeline experiments: correctness vs the op, then timings
-  timeout 240 python3 scripts/probe_resident_kv.py 2>&1 | grep -v INFO | tee "$OUT/resident.log" | grep -E "^\||Error"
-  timeout 240 python3 scripts/probe_overlap_d128.py 2>&1 | grep -v INFO | tee "$OUT/overlap.log" | grep -E "^\||Error"
-  timeout 240 python3 scripts/probe_assignment_split.py 2>&1 | grep -v INFO | tee "$OUT/assignment_split.log" | grep -E "^\||Error"
+  timeout 180 python3 scripts/probe_resident_kv.py 2>&1 | grep -v INFO | tee "$OUT/resident.log" | grep -E "^\||Error"
+  timeout 180 python3 scripts/probe_overlap_d128.py 2>&1 | grep -v INFO | tee "$OUT/overlap.log" | grep -E "^\||Error"
+  timeout 180 python3 scripts/probe_assignment_split.py 2>&1 | grep -v INFO | tee "$OUT/assignment_split.log" | grep -E "^\||Error"
   ;;
 profile)
   ncu --clock-control none --profile-from-start off --section SpeedOfLight --section ComputeWorkloadAnalysis \
