@@ -110,7 +110,9 @@ def kernels_only(q, k, v, dout, rank, world, seq, window, device):
         blocks = [(kk, vv, lo)]
 
     def run():
-        outs = [block_attention(q, kb, vb, rank * n, k0, left, right) for kb, vb, k0 in blocks]
+        # final: like distributed.py's halo path, a window block keeps the kernel's dtype (the ring merges in float32)
+        final = window != "full"
+        outs = [block_attention(q, kb, vb, rank * n, k0, left, right, final=final) for kb, vb, k0 in blocks]
         if dout is not None:
             lse = outs[0][1]  # a stand-in for the merged lse: same shapes, same work
             delta = torch.zeros_like(lse)
