@@ -54,16 +54,6 @@ def make_overlap_forward(head_dim: int = 128, dtype: str = "float16"):
     batch, seq_len = T.dynamic("batch"), T.dynamic("seq_len")
     q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
     scale_log2 = swattn.LOG2E / math.sqrt(head_dim)
-    neg_inf = -T.infinity(accum)
-
-    @T.macro
-    def scores_init(s, q0, k0, row_first, row_count, left, right):
-        """S before Q K^T accumulates into it: 0 where the key is seen, -inf where masked."""
-        if swattn.tile_fully_visible(q0, k0, ROWS, BLOCK_N, seq_len, left, right, 0, False):
-            T.clear(s)
-        else:
-            for i, j in T.Parallel(ROWS, BLOCK_N):
-                s[i, j] = T.Select(swattn.row_sees(k0 + j, row_first[i], row_count[i]), T.float32(0), neg_inf)
 
     @T.macro
     def consumer(
@@ -98,14 +88,14 @@ def make_overlap_forward(head_dim: int = 128, dtype: str = "float16"):
         ws_common.start_query_tile(Q, q_s, acc, l, m, row_first, row_count, b, q0, qh, seq_len, left, right)
         if n > 0:
             T.mbarrier_wait_parity(full[0], 0)
-            scores_init(s, q0, lo * BLOCK_N, row_first, row_count, left, right)
+            ws_common.scores_init(s, q0, lo * BLOCK_N, row_first, row_count, seq_len, left, right)
             T.gemm(q_s, k_ring[0, :, :], s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
             swattn.softmax_scores(s, m, m_prev, m_tile, m_safe, alpha, l, l_tile, scale_log2)
             T.copy(s, p)  # acc is still 0: nothing to rescale
             for j in T.serial(n - 1):
                 it = j + 1
                 T.mbarrier_wait_parity(full[it % STAGES], (it // STAGES) % 2)
-                scores_init(s, q0, (lo + it) * BLOCK_N, row_first, row_count, left, right)
+                ws_common.scores_init(s, q0, (lo + it) * BLOCK_N, row_first, row_count, seq_len, left, right)
                 T.wgmma_gemm(q_s, k_ring[it % STAGES, :, :], s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 T.wgmma_gemm(p, v_ring[j % STAGES, :, :], acc, policy=T.GemmWarpPolicy.FullRow)
                 T.wait_wgmma(1)  # S_it is ready; P_j V_j may still run

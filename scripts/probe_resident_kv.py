@@ -57,11 +57,10 @@ BLOCK = 64
 
 
 def key_tiles(t, left, right, seq_len, maximum=max, minimum=min):
-    """Key tiles [lo, hi) that query tile t's window reaches (the kernel's with
-    T.max/T.min, the protocol model's with Python's)."""
-    lo = maximum(t * BLOCK - left, 0) // BLOCK
-    hi = (minimum(t * BLOCK + BLOCK + right, seq_len) + BLOCK - 1) // BLOCK
-    return lo, hi
+    """Key tiles [lo, hi) that query tile t's window reaches: the op's own
+    ``swattn.key_tile_schedule`` (the kernel's with T.max/T.min, the protocol
+    model's with Python's)."""
+    return swattn.key_tile_schedule(t, seq_len, left, right, 0, BLOCK, BLOCK, maximum, minimum)[1:]
 
 
 def released_after(t, t1, left, right, seq_len, ktlo, n_kt, maximum=max, minimum=min, select=None):
@@ -87,7 +86,6 @@ def make_resident_forward(head_dim: int = 64, dtype: str = "float16", ring: int 
     batch, seq_len = T.dynamic("batch"), T.dynamic("seq_len")
     q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
     scale_log2 = swattn.LOG2E / math.sqrt(head_dim)
-    neg_inf = -T.infinity(accum)
 
     def lo_tile(t, left):
         return key_tiles(t, left, 0, seq_len, T.max, T.min)[0]
@@ -136,13 +134,7 @@ def make_resident_forward(head_dim: int = 64, dtype: str = "float16", ring: int 
             for it in T.serial(hi_tile(t, right) - lo_t):
                 r = lo_t + it - ktlo
                 T.mbarrier_wait_parity(full[r % ring], (r // ring) % 2)
-                k0 = (lo_t + it) * bn
-                if swattn.tile_fully_visible(t * bm, k0, bm, bn, seq_len, left, right, 0, False):
-                    T.clear(s)
-                else:
-                    for i, jj in T.Parallel(bm, bn):
-                        seen = swattn.row_sees(k0 + jj, row_first[i], row_count[i])
-                        s[i, jj] = T.Select(seen, T.float32(0), neg_inf)
+                ws_common.scores_init(s, t * bm, (lo_t + it) * bn, row_first, row_count, seq_len, left, right)
                 T.gemm(q_s, k_ring[r % ring, :, :], s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 swattn.softmax_step(s, p, acc, m, m_prev, m_tile, m_safe, alpha, l, l_tile, scale_log2)
                 T.gemm(p, v_ring[r % ring, :, :], acc, policy=T.GemmWarpPolicy.FullRow)

@@ -1,6 +1,6 @@
 """What the hand-written-pipeline experiments (probe_resident_kv.py,
-probe_overlap_d128.py) share: a consumer warpgroup's state and the start of a
-query tile. TileLang pieces, called inside their kernels."""
+probe_overlap_d128.py) share: a consumer warpgroup's state, the start of a query tile
+and the masked score tile. TileLang pieces, called inside their kernels."""
 
 import tilelang.language as T
 
@@ -37,3 +37,17 @@ def start_query_tile(Q, q_s, acc, l, m, row_first, row_count, b, q0, qh, seq_len
         first, count, _ = swattn.row_keys(q0 + i, seq_len, left, right, 0, None, T.max, T.min)
         row_first[i] = first
         row_count[i] = count
+
+
+@T.macro
+def scores_init(s, q0, k0, row_first, row_count, seq_len, left, right):
+    """S before Q K^T accumulates into it, for query rows q0.. against key tile k0..:
+    cleared when the tile lies inside every row's window (no per-element mask),
+    else 0 where the key is seen and -inf where masked."""
+    rows, cols = s.shape[0], s.shape[1]
+    if swattn.tile_fully_visible(q0, k0, rows, cols, seq_len, left, right, 0, False):
+        T.clear(s)
+    else:
+        for i, j in T.Parallel(rows, cols):
+            seen = swattn.row_sees(k0 + j, row_first[i], row_count[i])
+            s[i, j] = T.Select(seen, T.float32(0), -T.infinity("float32"))
