@@ -56,35 +56,9 @@ def make_overlap_forward(head_dim: int = 128, dtype: str = "float16"):
     scale_log2 = swattn.LOG2E / math.sqrt(head_dim)
 
     @T.macro
-    def consumer(
-        Q,
-        O,
-        LSE,
-        k_ring,
-        v_ring,
-        full,
-        empty,
-        b,
-        qh,
-        q0,
-        lo,
-        n,
-        left,
-        right,
-        q_s,
-        s,
-        p,
-        acc,
-        m,
-        m_prev,
-        m_tile,
-        m_safe,
-        alpha,
-        l,
-        l_tile,
-        row_first,
-        row_count,
-    ):
+    def consumer(Q, O, LSE, k_ring, v_ring, full, empty, b, qh, q0, lo, n, left, right, *state):
+        """One consumer warpgroup's 64 rows; ``state``: ws_common.consumer_state."""
+        q_s, s, p, acc, m, m_prev, m_tile, m_safe, alpha, l, l_tile, row_first, row_count = state
         ws_common.start_query_tile(Q, q_s, acc, l, m, row_first, row_count, b, q0, qh, seq_len, left, right)
         if n > 0:
             T.mbarrier_wait_parity(full[0], 0)

@@ -94,38 +94,9 @@ def make_resident_forward(head_dim: int = 64, dtype: str = "float16", ring: int 
         return key_tiles(t, 0, right, seq_len, T.max, T.min)[1]
 
     @T.macro
-    def consumer(
-        Q,
-        O,
-        LSE,
-        k_ring,
-        v_ring,
-        full,
-        empty,
-        b,
-        qh,
-        t0,
-        t1,
-        ktlo,
-        n_kt,
-        left,
-        right,
-        w,
-        q_s,
-        s,
-        p,
-        acc,
-        m,
-        m_prev,
-        m_tile,
-        m_safe,
-        alpha,
-        l,
-        l_tile,
-        row_first,
-        row_count,
-        done,
-    ):
+    def consumer(Q, O, LSE, k_ring, v_ring, full, empty, b, qh, t0, t1, ktlo, n_kt, left, right, w, *state):
+        """Consumer warpgroup w; ``state``: ws_common.consumer_state and the released-tile counter."""
+        q_s, s, p, acc, m, m_prev, m_tile, m_safe, alpha, l, l_tile, row_first, row_count, done = state
         done[0] = 0  # key tiles (relative to ktlo) this warpgroup has released
         for j in T.serial(T.max(t1 - t0 - w + 1, 0) // 2):
             t = t0 + w + 2 * j
