@@ -32,9 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import tilelang  # noqa: E402
 import tilelang.language as T  # noqa: E402
 import tvm.tirx as tir  # noqa: E402
+import ws_common  # noqa: E402
 
 import solution  # noqa: E402
 import swattn  # noqa: E402
@@ -166,8 +166,7 @@ def make_split_kernel(seq_len: int, head_dim: int, window: int, groups: int | No
 
 
 def build(seq_len: int = 2048, window: int = 128, groups: int | None = None, arch: str = "sm_90a"):
-    fn = make_split_kernel(seq_len, 64, window, groups)
-    return tilelang.compile(fn, target={"kind": "cuda", "arch": arch}, pass_configs={"tl.enable_fast_math": True})
+    return ws_common.compile_kernel(make_split_kernel(seq_len, 64, window, groups), arch)
 
 
 def main() -> None:

@@ -46,7 +46,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import tilelang  # noqa: E402
 import tilelang.language as T  # noqa: E402
 import ws_common  # noqa: E402
 from sweep_common import bench_shapes, compare_experiment  # noqa: E402
@@ -170,8 +169,7 @@ def make_resident_forward(head_dim: int = 64, dtype: str = "float16", ring: int 
 
 
 def build(arch: str = "sm_90a", **kw):
-    fn = make_resident_forward(**kw)
-    return tilelang.compile(fn, target={"kind": "cuda", "arch": arch}, pass_configs={"tl.enable_fast_math": True})
+    return ws_common.compile_kernel(make_resident_forward(**kw), arch)
 
 
 def main() -> None:

@@ -1,10 +1,17 @@
 """What the hand-written-pipeline experiments (probe_resident_kv.py,
-probe_overlap_d128.py) share: a consumer warpgroup's state, the start of a query tile
-and the masked score tile. TileLang pieces, called inside their kernels."""
+probe_overlap_d128.py, probe_assignment_split.py) share: their compile, a
+consumer warpgroup's state, the start of a query tile and the masked score
+tile. TileLang pieces, called inside their kernels."""
 
+import tilelang
 import tilelang.language as T
 
 import swattn
+
+
+def compile_kernel(fn, arch: str = "sm_90a"):
+    """An experiment's prim_func compiled as the op's kernels are (fast math)."""
+    return tilelang.compile(fn, target={"kind": "cuda", "arch": arch}, pass_configs={"tl.enable_fast_math": True})
 
 
 def consumer_state(rows: int, cols: int, head_dim: int, dtype: str) -> tuple:
