@@ -29,6 +29,7 @@ import tilelang.language as T
 import torch
 import tvm.tirx as tir  # tvm ships inside tilelang; importable once tilelang is
 
+import online
 import swattn
 
 # (block_m, block_n, threads, num_stages, CTAs per SM, dQ by TMA): configs/op_tiles.json.
@@ -302,10 +303,7 @@ def attention_backward(
     dtype, arch = swattn.DTYPES[q.dtype], swattn.cuda_arch(device)
     do = do.to(q.dtype).contiguous()
     if delta is None:
-        delta = torch.empty(b, hq, s, device=device, dtype=torch.float32)
-        compiled_preprocess(d, dtype, arch)(out.to(q.dtype).contiguous(), do, delta)
-        if dlse is not None:
-            delta -= dlse
+        delta = online.output_delta(do, out.to(q.dtype), dlse)
     # A block's lse/delta are slices of the merged (batch, heads, seq) state: the
     # kernel's ABI wants them packed.
     lse, delta = lse.float().contiguous(), delta.float().contiguous()

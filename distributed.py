@@ -36,6 +36,7 @@ from online import (
     block_visible,
     empty_state,
     merge_,
+    output_delta,
     window_bounds,
     work_dtype,
 )
@@ -176,10 +177,7 @@ class _SequenceParallelAttention(torch.autograd.Function):
         left, right, global_tokens, scale, group, ring = ctx.args
         rank, world, n = dist.get_rank(group), dist.get_world_size(group), q.shape[1]
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1).transpose(1, 2)
-        if dlse is not None:
-            delta = delta - dlse.to(lse.dtype)
-        delta = delta.contiguous()
+        delta = output_delta(dout, out, dlse)
 
         def zeros():
             return [torch.zeros(x.shape, dtype=lse.dtype, device=q.device) for x in (q, k, v)]

@@ -126,9 +126,7 @@ def _bwd_impl(
         return dq.to(q.dtype), dk, dv  # dK, dV already in the input dtype (q, k, v share it)
     s = q.shape[1]
     mask = _class_masks(s, q.shape[2], left, right, win, n_global, true_seq_len, dilation, heads_per_class, q.device)
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)
-    if delta_shift is not None:
-        delta = delta - delta_shift
+    delta = online.output_delta(dout, out, delta_shift)
     dq, dk, dv = online.masked_backward(dout, q, k, v, lse, delta, mask)
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 

@@ -173,13 +173,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(cases, gpus, shape) -> list[dict]:
+def measure(cases, gpus, shape, base: dict | None = None) -> list[dict]:
+    """Time every case on each GPU count; ``base`` maps a case to its one-GPU ms
+    measured earlier (a split run: one GPU in one device call, the rest in the next)."""
     ctx = mp.get_context("spawn")
     device = torch.cuda.get_device_name() if shape["device"] == "cuda" else "cpu (gloo smoke)"
-    base, rows = {}, []
+    base, rows = dict(base or {}), []
     print("| seq | window | mode | GPUs | ms | efficiency | exposed comm |", flush=True)
     print("|---:|---|---|---:|---:|---:|---:|", flush=True)
-    for world in sorted(set(gpus) | {1}):  # one GPU first: the efficiencies divide by it
+    worlds = set(gpus) | ({1} if any(c not in base for c in cases) else set())
+    for world in sorted(worlds):  # one GPU first: the efficiencies divide by it
         results = ctx.Queue()
         if world == 1 and shape["device"] == "cuda":  # the single-device op, in this process
             worker(0, 1, None, cases, shape, results)
@@ -232,6 +235,7 @@ def main() -> None:
     p.add_argument("--gpus", type=int, nargs="*", default=None, help="GPU counts (default 1 and all)")
     p.add_argument("--out", help="JSON of the rows (appended to, if it exists); the PNG beside it")
     p.add_argument("--plot", help="only draw the PNG of this JSON")
+    p.add_argument("--base", help="JSON whose one-GPU rows are the baseline (then 1 need not be in --gpus)")
     p.add_argument("--smoke", action="store_true", help="gloo ranks on the CPU, tiny shapes (checks this script)")
     args = p.parse_args()
     if args.plot:
@@ -242,7 +246,11 @@ def main() -> None:
         args.seqs, args.windows = [512], ["48", "full"]
     gpus = args.gpus or ([1, 2] if args.smoke else [1, torch.cuda.device_count()])
     cases = [(s, w, m) for s in args.seqs for w in args.windows for m in args.modes]
-    rows = measure(cases, gpus, shape)
+    base = {}
+    if args.base:
+        earlier = json.loads(Path(args.base).read_text())
+        base = {(r["seq"], r["window"], r["mode"]): r["ms"] for r in earlier if r["gpus"] == 1}
+    rows = measure(cases, gpus, shape, base)
     if args.out:
         out = Path(args.out)
         old = json.loads(out.read_text()) if out.exists() else []

@@ -96,3 +96,10 @@ def test_block_launches(stand_ins):
     grads = online.block_attention_backward(q, q, k[:, :50], v[:, :50], lse, delta, 100, 40, 30, 30)
     assert [g.shape for g in grads] == [q.shape, (1, 50, 2, 64), (1, 50, 2, 64)]
     assert [s.calls for s in stand_ins] == [1, 1]  # the forward kernel, then the backward (delta given)
+
+
+def test_output_delta_launches_the_preprocess_kernel(stand_ins):
+    out, dout = (x.detach() for x in qkv()[:2])
+    delta = online.output_delta(dout, out, torch.ones(1, 4, 70))
+    assert [s.calls for s in stand_ins] == [1]  # the stand-in writes zeros, so delta = 0 - dlse
+    assert delta.dtype == torch.float32 and torch.equal(delta, -torch.ones(1, 4, 70))

@@ -124,7 +124,7 @@ def blocked_gradients(q, k, v, g_out, left, right, bq, bkv, global_tokens=0):
     blocks = [(i, j) for i in range(-(-seq_len // bq)) for j in range(-(-seq_len // bkv))]
     for i, j in blocks:
         layer(q[:, i * bq : (i + 1) * bq], k[:, j * bkv : (j + 1) * bkv], v[:, j * bkv : (j + 1) * bkv], i, j, out, lse)
-    delta = (g_out.to(out.dtype) * out).sum(-1).transpose(1, 2)
+    delta = online.output_delta(g_out, out)
     dq, dk, dv = (torch.zeros(x.shape, dtype=out.dtype, device=x.device) for x in (q, k, v))
     for i, j in blocks:
         qs, ks = slice(i * bq, (i + 1) * bq), slice(j * bkv, (j + 1) * bkv)
@@ -177,3 +177,18 @@ def test_blocked_backward_kernel_matches_reference(dtype, head_dim):
     got = blocked_gradients(q, k, v, g_out, 150, 30, 128, 192)
     for name, a, lo, w in zip("qkv", got, low_grads, want_grads, strict=True):
         assert ref.rel_err(a, w) <= 2 * ref.rel_err(lo, w) + 1e-4, name
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_output_delta_kernel_matches_eager(dtype, head_dim):
+    """The preprocess kernel's rowsum(dout * out) - dlse, ragged length (70 rows: one
+    full 64-row tile and a partial one), against float64."""
+    out, dout = (rand(2, 70, 3, head_dim, dtype=dtype, device="cuda", seed=s) for s in (1, 2))
+    dlse = rand(2, 3, 70, dtype=torch.float32, device="cuda", seed=3)
+    got = online.output_delta(dout, out, dlse)
+    want = (dout.double() * out.double()).sum(-1).transpose(1, 2) - dlse.double()
+    assert got.dtype == torch.float32 and got.shape == want.shape and got.is_contiguous()
+    assert ref.rel_err(got, want) < 1e-5
