@@ -208,13 +208,16 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     modes = sorted({r["mode"] for r in rows}, key=["fwd", "fwdbwd"].index)
+    devices = sorted({r["device"] for r in rows})  # a series is one device's: efficiencies divide within it
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.2), squeeze=False)
     for ax, mode in zip(axes[0], modes, strict=True):
-        for seq, window in sorted({(r["seq"], r["window"]) for r in rows if r["mode"] == mode}):
-            mine = [r for r in rows if (r["seq"], r["window"], r["mode"]) == (seq, window, mode)]
+        series = sorted({(r["seq"], r["window"], r["device"]) for r in rows if r["mode"] == mode})
+        for seq, window, device in series:
+            mine = [r for r in rows if (r["seq"], r["window"], r["mode"], r["device"]) == (seq, window, mode, device)]
             pts = sorted((r["gpus"], r["efficiency"]) for r in mine)
             style = "--" if window == "full" else "-"
-            ax.plot(*zip(*pts, strict=True), style, marker="o", label=f"{seq // 1024}K, {window}")
+            label = f"{seq // 1024}K, {window}" + (f", {device.split()[1]}" if len(devices) > 1 else "")
+            ax.plot(*zip(*pts, strict=True), style, marker="o", label=label)
         top = max(1.05, max(r["efficiency"] for r in rows) + 0.05)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(xlabel="GPUs", ylabel="scaling efficiency T(1) / (P T(P))", ylim=(0, top))
@@ -222,7 +225,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xticks(sorted({r["gpus"] for r in rows}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="seq, window")
-    fig.suptitle(f"Sequence-parallel attention, D 128, GQA 32/8, bf16 ({rows[0]['device']})", fontsize=10)
+    fig.suptitle(f"Sequence-parallel attention, D 128, GQA 32/8, bf16 ({', '.join(devices)})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
