@@ -106,6 +106,7 @@ def make_overlap_forward(head_dim: int = 128, dtype: str = "float16", overlap: b
             _, lo, hi = swattn.key_tile_schedule(bx, seq_len, left, right, 0, block_m, BLOCK_N, T.max, T.min)
             n = hi - lo
             frags0, frags1 = (ws_common.consumer_state(ROWS, BLOCK_N, head_dim, dtype) for _ in range(2))
+            shared = (Q, O, LSE, k_ring, v_ring, full, empty, b, qh)  # both consumers' common arguments
             if tx < 128:
                 T.set_max_nreg(24, 0)
                 for it in T.serial(n):
@@ -117,11 +118,9 @@ def make_overlap_forward(head_dim: int = 128, dtype: str = "float16", overlap: b
                     T.mbarrier_arrive(full[it % STAGES])
             elif tx < 256:
                 T.set_max_nreg(regs, 1)
-                shared = (Q, O, LSE, k_ring, v_ring, full, empty, b, qh)
                 consumer(*shared, bx * block_m, lo, n, left, right, *frags0)
             else:
                 T.set_max_nreg(regs, 1)
-                shared = (Q, O, LSE, k_ring, v_ring, full, empty, b, qh)
                 consumer(*shared, bx * block_m + ROWS, lo, n, left, right, *frags1)
 
     return forward

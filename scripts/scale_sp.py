@@ -173,12 +173,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(cases, gpus, shape, base: dict | None = None) -> list[dict]:
-    """Time every case on each GPU count; ``base`` maps a case to its one-GPU ms
-    measured earlier (a split run: one GPU in one device call, the rest in the next)."""
+def measure(cases, gpus, shape, earlier: list[dict] = ()) -> list[dict]:
+    """Time every case on each GPU count. ``earlier``: rows of an earlier run whose
+    one-GPU times are the baseline of the cases not timed on one GPU here (a split
+    run: one GPU in one device call, the rest in the next); same device only."""
     ctx = mp.get_context("spawn")
     device = torch.cuda.get_device_name() if shape["device"] == "cuda" else "cpu (gloo smoke)"
-    base, rows = dict(base or {}), []
+    base, rows = {}, []
+    for r in earlier:
+        if r["gpus"] == 1:
+            if r["device"] != device:  # efficiencies divide within one card
+                raise ValueError(f"baseline row measured on {r['device']}, this run is on {device}")
+            base[(r["seq"], r["window"], r["mode"])] = r["ms"]
     print("| seq | window | mode | GPUs | ms | efficiency | exposed comm |", flush=True)
     print("|---:|---|---|---:|---:|---:|---:|", flush=True)
     worlds = set(gpus) | ({1} if any(c not in base for c in cases) else set())
@@ -191,7 +197,9 @@ def measure(cases, gpus, shape, base: dict | None = None) -> list[dict]:
             mp.spawn(worker, args=(world, free_port(), cases, shape, results), nprocs=world, join=True)
         for _ in cases:
             (seq, window, mode), (total, compute) = results.get()
-            t1 = base.setdefault((seq, window, mode), total)
+            if world == 1:  # measured here: this run's own baseline
+                base[(seq, window, mode)] = total
+            t1 = base[(seq, window, mode)]
             row = dict(seq=seq, window=window, mode=mode, gpus=world, ms=round(total, 2), kernels_ms=round(compute, 2))
             row.update(efficiency=round(t1 / (world * total), 3), exposed_comm=round(max(0.0, 1 - compute / total), 3))
             rows.append(row | dict(device=device))
@@ -249,11 +257,8 @@ def main() -> None:
         args.seqs, args.windows = [512], ["48", "full"]
     gpus = args.gpus or ([1, 2] if args.smoke else [1, torch.cuda.device_count()])
     cases = [(s, w, m) for s in args.seqs for w in args.windows for m in args.modes]
-    base = {}
-    if args.base:
-        earlier = json.loads(Path(args.base).read_text())
-        base = {(r["seq"], r["window"], r["mode"]): r["ms"] for r in earlier if r["gpus"] == 1}
-    rows = measure(cases, gpus, shape, base)
+    earlier = json.loads(Path(args.base).read_text()) if args.base else []
+    rows = measure(cases, gpus, shape, earlier)
     if args.out:
         out = Path(args.out)
         old = json.loads(out.read_text()) if out.exists() else []

@@ -38,7 +38,6 @@ VARIANTS = [
 
 
 FAST = {"tl.enable_fast_math": True}
-CARD = dict(block_m=64, block_n=64, threads=128)
 # name -> (make_kernel's loop form, extra pass configs). Without warp
 # specialisation TileLang 0.1.15 needs the loop form it uses for sm_80
 # (solution.make_kernel explains the two forms).
@@ -49,9 +48,19 @@ LOWERINGS = {
     "cp.async+wgmma": ("sm_80", NO_WS),
     "cp.async+mma": ("sm_80", NO_WS | {"tl.disable_wgmma": True}),
 }
-LOWERING_VARIANTS = [
-    dict(CARD, num_stages=st, lowering=name) for name in LOWERINGS for st in ((2,) if "ws" in name else (1, 2))
-]
+
+
+def lowering_variants() -> list[dict]:
+    """The card's tile (configs/tiles.json "assignment") under each lowering; the
+    cp.async ones also at one stage (no producer warpgroup to run ahead)."""
+    import solution
+
+    card, _ = solution.tile_options("assignment")
+    variants = []
+    for name, (_, configs) in LOWERINGS.items():
+        for stages in (1, 2) if configs.get("tl.disable_warp_specialized") else (card["num_stages"],):
+            variants.append(card | dict(num_stages=stages, lowering=name))
+    return variants
 
 
 def build(seq: int, window: int, variant: dict):
@@ -80,7 +89,7 @@ def main():
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--lowerings", action="store_true", help="sweep the card tile's lowerings, not tile shapes")
     args = p.parse_args()
-    variants = LOWERING_VARIANTS if args.lowerings else VARIANTS
+    variants = lowering_variants() if args.lowerings else VARIANTS
     jobs = [(s, w, v) for s in args.seq for w in (args.window, s) for v in variants]  # window, then full
     with mp.get_context("spawn").Pool(12) as pool:
         failed = {repr(j): e for j, e in pool.map(_compile, jobs) if e}
