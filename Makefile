@@ -8,7 +8,7 @@ setup: .venv/.ready
 # --system-site-packages: on a CUDA machine the venv keeps the torch build it already has.
 .venv/.ready: pyproject.toml
 	python3 -m venv --system-site-packages .venv
-	.venv/bin/pip install -q -e ".[bench,dev]"
+	.venv/bin/pip install -q -e ".[test,bench,dev]"
 	touch $@
 
 run: setup      ## compile the assignment kernel; on a GPU also verify it and time it
@@ -17,8 +17,8 @@ run: setup      ## compile the assignment kernel; on a GPU also verify it and ti
 test: setup     ## CPU tests always run; GPU tests run when CUDA is available
 	$(PY) -m pytest test.py tests -q
 
-test-gpu: setup
-	$(PY) -m pytest test.py -q -m gpu
+test-gpu: setup  ## every GPU test (needs CUDA), the slow ones included
+	$(PY) -m pytest test.py tests -q -m gpu
 
 bench: bench-assignment bench-op  ## both tables below (needs a GPU; ~10 min with the compiles)
 
@@ -27,7 +27,7 @@ bench-assignment: setup  ## the seed's table: sliding window vs full attention a
 
 # The course handout copies this Makefile without the general op: there bench-op does nothing.
 bench-op: setup  ## the general op vs FlexAttention, FA4 (if importable) and SDPA: forward, then forward + backward
-	@if [ -f bench_op.py ]; then $(PY) bench_op.py && $(PY) bench_op.py --backward; fi
+	@if [ -f benchmarks/bench_op.py ]; then $(PY) benchmarks/bench_op.py && $(PY) benchmarks/bench_op.py --backward; fi
 
 handout: setup  ## the student starter tree (solution parts -> TODOs) in build/handout
 	$(PY) course/handout.py build/handout

@@ -14,9 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ops
 import reference as ref
 import swattn
+from swattn import launch, ops, testing
+from swattn import window as wspec
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -51,8 +52,8 @@ CASES = [
 
 def reference_fn(left, right, dilation, global_tokens=0):
     def fn(q, k, v):
-        mask = ref.local_mask(q.shape[1], left, right, dilation, global_tokens, device=q.device)
-        return ref.attention_ref(q, k, v, mask, return_lse=True)
+        mask = testing.local_mask(q.shape[1], left, right, dilation, global_tokens, device=q.device)
+        return testing.attention_ref(q, k, v, mask, return_lse=True)
 
     return fn
 
@@ -77,8 +78,8 @@ def test_cpu_op_adaptive_window_gradients(dilation, glob):
     q, k, v = leaf(1, s, hq, 16, seed=1), leaf(1, s, hk, 16, seed=2), leaf(1, s, hk, 16, seed=3)
     g_out, g_lse = torch.randn(1, s, hq, 16, dtype=torch.float64), torch.randn(1, hq, s, dtype=torch.float64)
     got = grads_of(lambda *x: ops.attention(*x, 0, 0, dilation, glob, (left, right)), q, k, v, g_out, g_lse)
-    mask = ref.local_mask(s, left, right, dilation, glob)  # (q_heads, s, s)
-    want = grads_of(lambda *x: ref.attention_ref(*x, mask, return_lse=True), q, k, v, g_out, g_lse)
+    mask = testing.local_mask(s, left, right, dilation, glob)  # (q_heads, s, s)
+    want = grads_of(lambda *x: testing.attention_ref(*x, mask, return_lse=True), q, k, v, g_out, g_lse)
     for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
         assert ref.rel_err(a, w) < 1e-5, name
 
@@ -134,27 +135,23 @@ def test_torch_compile_sees_one_opaque_op():
     ],
 )
 def test_backward_compiles_sm90a(head_dim, dtype, adaptive, kv_grads):
-    import backward
-
-    source = backward.compiled_backward(head_dim, dtype, "sm_90a", None, adaptive, kv_grads).get_kernel_source()
+    source = launch.compiled_backward(head_dim, dtype, "sm_90a", None, adaptive, kv_grads).get_kernel_source()
     # dQ leaves each tile by the path its tile config names (configs/op_tiles.json).
-    _, _, threads, _, occupancy, dq_tma = backward.tile_config(head_dim, "sm_90a")
+    _, _, threads, _, occupancy, dq_tma = launch.tile_config(head_dim, "sm_90a", "backward")
     assert ("tma_store_add" if dq_tma else "AtomicAdd") in source
     # The loop's producer has as many threads as the consumers; without the register
     # split the consumers keep the launch's share and spill (ptxas: 1.4 KB at D = 128).
     assert f"__launch_bounds__({2 * threads}, {occupancy})" in source
-    regs = swattn.consumer_regs(threads, occupancy, producer_threads=threads)
+    regs = common.consumer_regs(threads, occupancy, producer_threads=threads)
     assert regs >= 240 or f"warpgroup_reg_alloc<{regs}>" in source
-    assert "preprocess" in backward.compiled_preprocess(head_dim, dtype, "sm_90a").get_kernel_source()
+    assert "preprocess" in launch.compiled_preprocess(head_dim, dtype, "sm_90a").get_kernel_source()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("head_dim,dtype", [(64, "float16"), (128, "bfloat16")])
 def test_backward_compiles_sm80(head_dim, dtype):
-    import backward
-
-    assert "AtomicAdd" in backward.compiled_backward(head_dim, dtype, "sm_80", None, False, dtype).get_kernel_source()
-    assert "preprocess" in backward.compiled_preprocess(head_dim, dtype, "sm_80").get_kernel_source()
+    assert "AtomicAdd" in launch.compiled_backward(head_dim, dtype, "sm_80", None, False, dtype).get_kernel_source()
+    assert "preprocess" in launch.compiled_preprocess(head_dim, dtype, "sm_80").get_kernel_source()
 
 
 # --- GPU -------------------------------------------------------------------------------
@@ -222,16 +219,16 @@ ADAPTIVE_GPU_CASES = [
 @pytest.mark.parametrize("case", range(len(ADAPTIVE_GPU_CASES)))
 def test_adaptive_kernel_gradients_match_reference(case, head_dim, dtype):
     """Per-(head, query) windows through the backward kernel: its key-side schedule
-    (swattn.adaptive_key_side_schedule, merged over each GQA group) must reach every
+    (wspec.adaptive_key_side_schedule, merged over each GQA group) must reach every
     query tile a key is seen from, with the shipped backward tile of this head_dim."""
     b, hq, hk, s, dil, glob, max_left, max_right = ADAPTIVE_GPU_CASES[case]
     g = torch.Generator().manual_seed(case)
     left = torch.randint(0, max_left + 1, (hq, s), generator=g)
     right = torch.randint(0, max_right + 1, (hq, s), generator=g)
-    mask = ref.local_mask(s, left, right, dil, glob, device="cuda")  # (q_heads, s, s)
+    mask = testing.local_mask(s, left, right, dil, glob, device="cuda")  # (q_heads, s, s)
 
     def reference(q, k, v):
-        return ref.attention_ref(q, k, v, mask, return_lse=True)
+        return testing.attention_ref(q, k, v, mask, return_lse=True)
 
     def kernel(q, k, v):
         window = (left.cuda(), right.cuda())

@@ -48,9 +48,9 @@ def free_port() -> int:
 
 def worker(rank: int, world: int, port: int, backend: str):
     sys.path.insert(0, str(ROOT))
-    import distributed
     import reference as ref
-    from online import window_bounds
+    from swattn import distributed, testing
+    from swattn.online import window_bounds
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -83,8 +83,8 @@ def worker(rank: int, world: int, port: int, backend: str):
 
             left, right = window_bounds(window, causal, seq_len)
             full = [x.clone().requires_grad_() for x in (q, k, v)]
-            want, want_lse = ref.attention_ref(
-                *full, ref.local_mask(seq_len, left, right, global_tokens=g), return_lse=True
+            want, want_lse = testing.attention_ref(
+                *full, testing.local_mask(seq_len, left, right, global_tokens=g), return_lse=True
             )
             want_grads = torch.autograd.grad((want * g_out).sum() + (want_lse * g_lse).sum(), full)
             bound, lse_bound = (2e-2, 1e-2) if backend == "nccl" else (1e-12, 1e-10)

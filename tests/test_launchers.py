@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import backward
-import online
 import swattn
+from swattn import launch, online, ops
+from swattn import window as wspec
+from swattn.kernels import backward as bwd_kernels
+from swattn.kernels import forward as fwd_kernels
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int32": torch.int32}
 
@@ -41,24 +43,26 @@ class StandIn:
 @pytest.fixture
 def stand_ins(monkeypatch):
     made = []
-    monkeypatch.setattr(swattn, "on_gpu", lambda x: True)
-    monkeypatch.setattr(swattn, "cuda_arch", lambda device: "sm_90a")
+    monkeypatch.setattr(launch, "on_gpu", lambda x: True)
+    monkeypatch.setattr(launch, "cuda_arch", lambda device: "sm_90a")
 
     def fwd(head_dim, dtype, arch, tile=None, mode="general"):
-        made.append(StandIn(swattn.make_forward(head_dim, dtype, arch, tile, mode), outputs=(3, 4)))
+        tile = tile or launch.tile_config(head_dim, arch)
+        made.append(StandIn(fwd_kernels.make_forward(head_dim, dtype, arch, tile, mode), outputs=(3, 4)))
         return made[-1]
 
     def bwd(head_dim, dtype, arch, tile=None, adaptive=False, kv_grads="float32"):
-        made.append(StandIn(backward.make_backward(head_dim, dtype, arch, tile, adaptive, kv_grads), outputs=(6, 7, 8)))
+        tile = tile or launch.tile_config(head_dim, arch, "backward")
+        made.append(StandIn(bwd_kernels.make_backward(head_dim, dtype, arch, tile, adaptive, kv_grads), outputs=(6, 7, 8)))
         return made[-1]
 
     def pre(head_dim, dtype, arch):
-        made.append(StandIn(backward.make_preprocess(head_dim, dtype), outputs=(2,)))
+        made.append(StandIn(bwd_kernels.make_preprocess(head_dim, dtype), outputs=(2,)))
         return made[-1]
 
-    monkeypatch.setattr(swattn, "compiled_forward", fwd)
-    monkeypatch.setattr(backward, "compiled_backward", bwd)
-    monkeypatch.setattr(backward, "compiled_preprocess", pre)
+    monkeypatch.setattr(launch, "compiled_forward", fwd)
+    monkeypatch.setattr(launch, "compiled_backward", bwd)
+    monkeypatch.setattr(launch, "compiled_preprocess", pre)
     return made
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from test_swattn import assert_matches_reference
 
-import online
 import reference as ref
+from swattn import eager, online, testing
+from swattn import window as wspec
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -27,7 +28,7 @@ def rand(*shape, dtype=torch.float64, device="cpu", seed=0):
 def test_merge_is_exact_and_nan_free():
     q, k, v = rand(1, 6, 2, 4, seed=1), rand(1, 10, 2, 4, seed=2), rand(1, 10, 2, 4, seed=3)
     mask = torch.ones(6, 10, dtype=torch.bool)
-    want, want_lse = ref.attention_ref(q, k[:, :10], v[:, :10], mask[:, :10], return_lse=True)
+    want, want_lse = testing.attention_ref(q, k[:, :10], v[:, :10], mask[:, :10], return_lse=True)
     out, lse = online.empty_state(q)
     for part in (slice(0, 3), slice(3, 10)):  # two disjoint key sets
         o, l_ = online.block_attention(q, k[:, part], v[:, part], 0, part.start, 100, 100)
@@ -62,8 +63,8 @@ def test_online_any_order_matches_offline(seq_len, bq, bkv, window, causal, g, h
     offline = online.OfflineSlidingWindowAttn(window, causal, g)
     want, want_lse = offline(q, k, v)
     left, right = online.window_bounds(window, causal, seq_len)
-    mask = ref.local_mask(seq_len, left, right, global_tokens=g)
-    oracle, oracle_lse = ref.attention_ref(q, k, v, mask, return_lse=True)
+    mask = testing.local_mask(seq_len, left, right, global_tokens=g)
+    oracle, oracle_lse = testing.attention_ref(q, k, v, mask, return_lse=True)
     assert ref.rel_err(want, oracle) < 1e-12 and torch.allclose(want_lse, oracle_lse)
 
     layer = online.OnlineSlidingWindowAttn(seq_len, bq, bkv, window, causal, g)
@@ -113,7 +114,7 @@ def test_online_kernel_blocks_match_reference(bq, bkv, window, causal, dtype):
                 lse,
             )
     left, right = online.window_bounds(window, causal, seq_len)
-    assert_matches_reference(out, lse, q, k, v, ref.local_mask(seq_len, left, right, device="cuda"))
+    assert_matches_reference(out, lse, q, k, v, testing.local_mask(seq_len, left, right, device="cuda"))
 
 
 def blocked_gradients(q, k, v, g_out, left, right, bq, bkv, global_tokens=0):
@@ -128,7 +129,7 @@ def blocked_gradients(q, k, v, g_out, left, right, bq, bkv, global_tokens=0):
     dq, dk, dv = (torch.zeros(x.shape, dtype=out.dtype, device=x.device) for x in (q, k, v))
     for i, j in blocks:
         qs, ks = slice(i * bq, (i + 1) * bq), slice(j * bkv, (j + 1) * bkv)
-        if online.block_visible(qs.start, q[:, qs].shape[1], ks.start, k[:, ks].shape[1], left, right, global_tokens):
+        if wspec.block_visible(qs.start, q[:, qs].shape[1], ks.start, k[:, ks].shape[1], left, right, global_tokens):
             gq, gk, gv = online.block_attention_backward(
                 g_out[:, qs],
                 q[:, qs],
@@ -153,7 +154,7 @@ def test_blocked_backward_matches_autograd(bq, bkv, left, right, g):
     q, k, v = rand(2, 45, 4, 8, seed=1), rand(2, 45, 2, 8, seed=2), rand(2, 45, 2, 8, seed=3)
     g_out = rand(2, 45, 4, 8, seed=4)
     full = [x.clone().requires_grad_() for x in (q, k, v)]
-    want = ref.attention_ref(*full, ref.local_mask(45, left, right, global_tokens=g))
+    want = testing.attention_ref(*full, testing.local_mask(45, left, right, global_tokens=g))
     want_grads = torch.autograd.grad((want * g_out).sum(), full)
     for got, w in zip(blocked_gradients(q, k, v, g_out, left, right, bq, bkv, g), want_grads, strict=True):
         assert ref.rel_err(got, w) < 1e-12
@@ -169,11 +170,11 @@ def test_blocked_backward_kernel_matches_reference(dtype, head_dim):
     q = rand(1, 700, 4, head_dim, dtype=dtype, device="cuda", seed=1)
     k, v = (rand(1, 700, 2, head_dim, dtype=dtype, device="cuda", seed=s) for s in (2, 3))
     g_out = rand(1, 700, 4, head_dim, dtype=dtype, device="cuda", seed=4)
-    mask = ref.local_mask(700, 150, 30, device="cuda")
+    mask = testing.local_mask(700, 150, 30, device="cuda")
     full = [x.double().requires_grad_() for x in (q, k, v)]
-    want_grads = torch.autograd.grad((ref.attention_ref(*full, mask) * g_out.double()).sum(), full)
+    want_grads = torch.autograd.grad((testing.attention_ref(*full, mask) * g_out.double()).sum(), full)
     low = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    low_grads = torch.autograd.grad((ref.attention_ref(*low, mask, dtype=dtype) * g_out).sum(), low)
+    low_grads = torch.autograd.grad((testing.attention_ref(*low, mask, dtype=dtype) * g_out).sum(), low)
     got = blocked_gradients(q, k, v, g_out, 150, 30, 128, 192)
     for name, a, lo, w in zip("qkv", got, low_grads, want_grads, strict=True):
         assert ref.rel_err(a, w) <= 2 * ref.rel_err(lo, w) + 1e-4, name

@@ -14,6 +14,10 @@ import torch.nn.functional as F
 
 import reference as ref
 import swattn
+from swattn import launch, testing
+from swattn import window as wspec
+from swattn.kernels import common
+from swattn.kernels import forward as fwd_kernels
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -29,12 +33,12 @@ def rand(*shape, dtype=torch.float64, device="cpu", seed=0):
 
 def test_local_mask_generalises_the_assignment_window():
     for seq_len, w in [(50, 0), (50, 3), (50, 49), (7, 100)]:
-        assert torch.equal(ref.local_mask(seq_len, w, w), ref.window_mask(seq_len, w))
-    causal = ref.local_mask(6, 2, 0)
+        assert torch.equal(testing.local_mask(seq_len, w, w), ref.window_mask(seq_len, w))
+    causal = testing.local_mask(6, 2, 0)
     assert causal[4].nonzero().flatten().tolist() == [2, 3, 4]
-    dilated = ref.local_mask(20, 2, 1, dilation=3)
+    dilated = testing.local_mask(20, 2, 1, dilation=3)
     assert dilated[10].nonzero().flatten().tolist() == [4, 7, 10, 13]
-    glob = ref.local_mask(10, 1, 1, global_tokens=2)
+    glob = testing.local_mask(10, 1, 1, global_tokens=2)
     assert glob[0].all() and glob[:, 1].all() and glob[6].nonzero().flatten().tolist() == [0, 1, 5, 6, 7]
 
 
@@ -49,14 +53,14 @@ def test_local_mask_matches_flex_attention_semantics():
         return local | (q_idx < g) | (kv_idx < g)
 
     mask = flex.create_mask(mask_mod, 1, 1, 40, 40, device="cpu")[0, 0]
-    assert torch.equal(mask, ref.local_mask(40, left, right, dilation, g))
+    assert torch.equal(mask, testing.local_mask(40, left, right, dilation, g))
 
 
 @pytest.mark.parametrize("hq,hk", [(4, 4), (4, 2), (4, 1)])
 def test_attention_ref_matches_sdpa(hq, hk):
     q, k, v = rand(2, 33, hq, 16, seed=1), rand(2, 33, hk, 16, seed=2), rand(2, 33, hk, 16, seed=3)
-    mask = ref.local_mask(33, 4, 1, dilation=2, global_tokens=1)
-    out, lse = ref.attention_ref(q, k, v, mask, return_lse=True)
+    mask = testing.local_mask(33, 4, 1, dilation=2, global_tokens=1)
+    out, lse = testing.attention_ref(q, k, v, mask, return_lse=True)
     kk, vv = (x.repeat_interleave(hq // hk, dim=2) for x in (k, v))
     sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=mask)
     assert ref.rel_err(out, sdpa.transpose(1, 2)) < 1e-12
@@ -70,20 +74,20 @@ def test_dilation_as_head_classes(seq_len, dilation):
     an ordinary window over each residue class, and the classes are heads."""
     left, right, hq, hk = 2, 1, 4, 2
     q, k, v = rand(1, seq_len, hq, 8, seed=4), rand(1, seq_len, hk, 8, seed=5), rand(1, seq_len, hk, 8, seed=6)
-    qv, kv, vv = (swattn.to_classes(x, dilation) for x in (q, k, v))
+    qv, kv, vv = (wspec.to_classes(x, dilation) for x in (q, k, v))
     sd = qv.shape[1]
     out = torch.empty_like(qv)
     lse = torch.empty(1, qv.shape[2], sd, dtype=torch.float64)
     for r in range(dilation):  # what the kernel does per head: class-local window, padding hidden
-        valid = swattn.class_len(seq_len, r, dilation)
-        mask = ref.local_mask(sd, left, right) & (torch.arange(sd)[None, :] < valid)
+        valid = wspec.class_len(seq_len, r, dilation)
+        mask = testing.local_mask(sd, left, right) & (torch.arange(sd)[None, :] < valid)
         heads = slice(r * hq, (r + 1) * hq)
-        o, l_ = ref.attention_ref(
+        o, l_ = testing.attention_ref(
             qv[:, :, heads], kv[:, :, r * hk : (r + 1) * hk], vv[:, :, r * hk : (r + 1) * hk], mask, return_lse=True
         )
         out[:, :, heads], lse[:, heads] = o, l_
-    out, lse = swattn.from_classes(out, lse, seq_len, dilation)
-    want, want_lse = ref.attention_ref(q, k, v, ref.local_mask(seq_len, left, right, dilation), return_lse=True)
+    out, lse = wspec.from_classes(out, lse, seq_len, dilation)
+    want, want_lse = testing.attention_ref(q, k, v, testing.local_mask(seq_len, left, right, dilation), return_lse=True)
     assert ref.rel_err(out, want) < 1e-12
     assert torch.allclose(lse, want_lse)
 
@@ -96,10 +100,10 @@ def test_key_tile_schedule_matches_brute_force(block_m, block_n):
     grid = itertools.product([1, 63, 65, 200, 513], [(0, 0), (1, 1), (127, 0), (10, 100), (600, 600)], [0, 1, 16, 70])
     for seq_len, (left, right), g in grid:
         left, right = min(left, seq_len - 1), min(right, seq_len - 1)
-        mask = ref.local_mask(seq_len, left, right, global_tokens=g)
+        mask = testing.local_mask(seq_len, left, right, global_tokens=g)
         for qt in range(-(-seq_len // block_m)):
             needed = {j // block_n for j in mask[qt * block_m : (qt + 1) * block_m].any(0).nonzero().flatten().tolist()}
-            n_g, lo, hi = swattn.key_tile_schedule(qt, seq_len, left, right, g, block_m, block_n)
+            n_g, lo, hi = wspec.key_tile_schedule(qt, seq_len, left, right, g, block_m, block_n)
             visited = list(range(n_g)) + list(range(lo, hi))
             assert len(visited) == len(set(visited)), "a tile visited twice"
             assert set(visited) == needed, (seq_len, left, right, g, qt)
@@ -115,14 +119,14 @@ def test_full_tile_test_matches_brute_force(block_m, block_n):
     windows = [(w, w) for w in near] + [(w, 0) for w in near] + [(0, w) for w in near] + [(600, 600)]
     grid = itertools.product([129, 191, 193], windows, [0, 63, 64, 127])
     for seq_len, (left, right), g in grid:
-        mask = ref.local_mask(seq_len, left, right, global_tokens=g)
+        mask = testing.local_mask(seq_len, left, right, global_tokens=g)
         for q0, k0 in itertools.product(range(0, seq_len, block_m), range(0, seq_len, block_n)):
             block = mask[q0 : q0 + block_m, k0 : k0 + block_n]
             whole = block.shape[1] == block_n and bool(block.all())  # rows past the end are padding: never written
             for general in (False, True):
                 if g and not general:
                     continue
-                full = bool(swattn.tile_fully_visible(q0, k0, block_m, block_n, seq_len, left, right, g, general))
+                full = bool(common.tile_fully_visible(q0, k0, block_m, block_n, seq_len, left, right, g, general))
                 assert not full or whole, (seq_len, left, right, g, q0, k0)
                 if not g:
                     assert full == whole or block.shape[0] < block_m, (seq_len, left, right, q0, k0)
@@ -138,7 +142,7 @@ def test_row_keys_match_the_window_definition():
     windows = [(0, 0), (1, 0), (0, 1), (3, 5), (7, 7), (40, 40), (-5, 9), (9, -5), (-3, 2), (-4, -4), (100, 100)]
     for (left, right), g, (valid, q_valid) in itertools.product(windows, [0, 1, 6], [(37, 37), (30, 37), (37, 29)]):
         for qi in range(40):
-            first, count, n_glob = swattn.row_keys(qi, valid, left, right, g, q_valid, max, min, select)
+            first, count, n_glob = common.row_keys(qi, valid, left, right, g, q_valid, max, min, select)
             for kj in range(40):
                 got = (kj - first) % 2**32 < count or kj < n_glob
                 want = (qi - left <= kj <= qi + right or kj < g or qi < g) and kj < valid and qi < q_valid
@@ -157,10 +161,10 @@ def test_adaptive_schedule_covers_every_needed_tile(block_m, block_n):
         left[1] = 0  # one head causal-only...
         right[2] = 0  # ...and one looking back only
         valid = torch.tensor([seq_len, max(seq_len - 1, 1), max(seq_len // 2, 1)])  # ragged classes
-        kt = swattn.adaptive_schedule(left, right, valid, n_global, block_m, block_n)
+        kt = wspec.adaptive_schedule(left, right, valid, n_global, block_m, block_n)
         assert kt.shape == (heads, -(-seq_len // block_m), 3) and kt.dtype == torch.int32
         for h in range(heads):
-            mask = ref.local_mask(seq_len, left[h], right[h], global_tokens=n_global)
+            mask = testing.local_mask(seq_len, left[h], right[h], global_tokens=n_global)
             mask &= torch.arange(seq_len)[None, :] < valid[h]
             mask[valid[h] :] = False  # padding rows see nothing that matters
             for qt in range(kt.shape[1]):
@@ -186,10 +190,10 @@ def test_adaptive_key_side_schedule_covers_every_needed_tile(block_m, block_n):
         left[1] = 0
         right[2] = 0
         valid = torch.tensor([seq_len, max(seq_len - 1, 1), max(seq_len // 2, 1)])
-        kt = swattn.adaptive_key_side_schedule(left, right, valid, n_global, block_m, block_n)
+        kt = wspec.adaptive_key_side_schedule(left, right, valid, n_global, block_m, block_n)
         assert kt.shape == (heads, -(-seq_len // block_n), 3) and kt.dtype == torch.int32
         for h in range(heads):
-            mask = ref.local_mask(seq_len, left[h], right[h], global_tokens=n_global)
+            mask = testing.local_mask(seq_len, left[h], right[h], global_tokens=n_global)
             mask &= torch.arange(seq_len)[None, :] < valid[h]
             mask[valid[h] :] = False
             for t in range(kt.shape[1]):
@@ -204,32 +208,32 @@ def test_adaptive_key_side_schedule_covers_every_needed_tile(block_m, block_n):
 
 def test_adaptive_windows_broadcast_and_validate():
     per_head = torch.tensor([[1], [5]])
-    left, right = swattn.adaptive_windows(per_head, False, 2, 6, "cpu")
+    left, right = wspec.adaptive_windows(per_head, False, 2, 6, "cpu")
     assert left.dtype == torch.int32 and left.tolist() == [[1] * 6, [5] * 6] and torch.equal(left, right)
-    left, right = swattn.adaptive_windows((torch.arange(6), 2), True, 2, 6, "cpu")
+    left, right = wspec.adaptive_windows((torch.arange(6), 2), True, 2, 6, "cpu")
     assert left.tolist() == [[0, 1, 2, 3, 4, 5]] * 2 and right.tolist() == [[0] * 6] * 2
-    assert swattn.adaptive_windows(torch.tensor([100]), False, 1, 6, "cpu")[0].tolist() == [[5] * 6]  # clamped
+    assert wspec.adaptive_windows(torch.tensor([100]), False, 1, 6, "cpu")[0].tolist() == [[5] * 6]  # clamped
     assert (
-        swattn.is_adaptive(torch.tensor(3))
-        and swattn.is_adaptive((3, torch.tensor([1])))
-        and not swattn.is_adaptive((3, 4))
+        wspec.is_adaptive(torch.tensor(3))
+        and wspec.is_adaptive((3, torch.tensor([1])))
+        and not wspec.is_adaptive((3, 4))
     )
     with pytest.raises(TypeError, match="integer"):
-        swattn.adaptive_windows(torch.tensor([1.5]), False, 2, 6, "cpu")
+        wspec.adaptive_windows(torch.tensor([1.5]), False, 2, 6, "cpu")
     with pytest.raises(ValueError, match="broadcast"):
-        swattn.adaptive_windows(torch.tensor([1, 2]), False, 3, 6, "cpu")  # (2,): neither heads nor seq
+        wspec.adaptive_windows(torch.tensor([1, 2]), False, 3, 6, "cpu")  # (2,): neither heads nor seq
     with pytest.raises(ValueError, match=">= 0"):
-        swattn.adaptive_windows(torch.tensor([[-1], [2]]), False, 2, 6, "cpu")
+        wspec.adaptive_windows(torch.tensor([[-1], [2]]), False, 2, 6, "cpu")
 
 
 @pytest.mark.parametrize("seq_len,dilation", [(12, 1), (12, 3), (10, 3), (5, 7)])
 def test_rows_to_classes_follows_to_classes(seq_len, dilation):
     table = torch.arange(3 * seq_len).view(3, seq_len)  # (heads, seq)
-    as_tensor = swattn.to_classes(table.t().contiguous()[None, :, :, None], dilation)[
+    as_tensor = wspec.to_classes(table.t().contiguous()[None, :, :, None], dilation)[
         0, :, :, 0
     ].t()  # (d * heads, seq / d)
-    classes = swattn.rows_to_classes(table, dilation)
-    valid = [swattn.class_len(seq_len, r, dilation) for r in range(dilation) for _ in range(3)]
+    classes = wspec.rows_to_classes(table, dilation)
+    valid = [wspec.class_len(seq_len, r, dilation) for r in range(dilation) for _ in range(3)]
     for h, n in enumerate(valid):
         assert torch.equal(classes[h, :n], as_tensor[h, :n])
 
@@ -238,13 +242,13 @@ def test_rows_to_classes_follows_to_classes(seq_len, dilation):
 
 
 def test_normalize_window():
-    assert swattn.normalize_window(5, False, 100) == (5, 5)
-    assert swattn.normalize_window((7, 2), False, 100) == (7, 2)
-    assert swattn.normalize_window(5, True, 100) == (5, 0)
-    assert swattn.normalize_window(10**9, False, 100) == (99, 99)
+    assert wspec.normalize_window(5, False, 100) == (5, 5)
+    assert wspec.normalize_window((7, 2), False, 100) == (7, 2)
+    assert wspec.normalize_window(5, True, 100) == (5, 0)
+    assert wspec.normalize_window(10**9, False, 100) == (99, 99)
     for bad in (-1, (1, -2), 2.0, True, "3", (1, 2, 3)):
         with pytest.raises((TypeError, ValueError)):
-            swattn.normalize_window(bad, False, 100)
+            wspec.normalize_window(bad, False, 100)
 
 
 BAD = {
@@ -277,14 +281,14 @@ def test_rejects_bad_input(case):
 # --- CPU: every configuration compiles -------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", swattn.MODES)
+@pytest.mark.parametrize("mode", fwd_kernels.MODES)
 @pytest.mark.parametrize("head_dim,dtype", [(64, "float16"), (128, "bfloat16"), (64, "bfloat16"), (128, "float16")])
 def test_compiles_sm90a(head_dim, dtype, mode):
-    src = swattn.compiled_forward(head_dim, dtype, "sm_90a", None, mode).get_kernel_source()
-    _, _, threads, _, occupancy = swattn.tile_config(head_dim, "sm_90a")
+    src = launch.compiled_forward(head_dim, dtype, "sm_90a", None, mode).get_kernel_source()
+    _, _, threads, _, occupancy = launch.tile_config(head_dim, "sm_90a")
     assert f"__launch_bounds__({threads + 128}, {occupancy})" in src  # consumers + one producer warpgroup
-    if swattn.consumer_regs(threads, occupancy) < 240:
-        assert f"warpgroup_reg_alloc<{swattn.consumer_regs(threads, occupancy)}>" in src
+    if common.consumer_regs(threads, occupancy) < 240:
+        assert f"warpgroup_reg_alloc<{common.consumer_regs(threads, occupancy)}>" in src
 
 
 @pytest.mark.parametrize("producer", [128, None])
@@ -295,7 +299,7 @@ def test_consumer_registers_fit_the_launch_pool(threads, occupancy, producer):
     producer = producer or threads
     total = threads + producer
     launch = min(255, 65536 // (occupancy * total)) // 8 * 8
-    regs = swattn.consumer_regs(threads, occupancy, producer_threads=producer)
+    regs = common.consumer_regs(threads, occupancy, producer_threads=producer)
     assert regs % 8 == 0 and 24 <= regs <= 240
     assert threads * regs + producer * 24 <= launch * total
 
@@ -307,7 +311,7 @@ def test_consumer_registers_fit_the_launch_pool(threads, occupancy, producer):
 )
 def test_compiles_sm80(head_dim, dtype, mode):
     """~3 minutes each (TileLang's Ampere lowering of the dynamic-shape kernel): `-m slow`."""
-    assert "forward" in swattn.compiled_forward(head_dim, dtype, "sm_80", None, mode).get_kernel_source()
+    assert "forward" in launch.compiled_forward(head_dim, dtype, "sm_80", None, mode).get_kernel_source()
 
 
 # --- GPU -------------------------------------------------------------------------------
@@ -341,15 +345,15 @@ def test_kernel_matches_reference(case, head_dim, dtype):
     out, lse = swattn.sliding_window_attention(
         q, k, v, window, causal=causal, dilation=dil, global_tokens=g, return_lse=True
     )
-    left, right = swattn.normalize_window(window, causal, s)
-    assert_matches_reference(out, lse, q, k, v, ref.local_mask(s, left, right, dil, g, device="cuda"))
+    left, right = wspec.normalize_window(window, causal, s)
+    assert_matches_reference(out, lse, q, k, v, testing.local_mask(s, left, right, dil, g, device="cuda"))
 
 
 def assert_matches_reference(out, lse, q, k, v, mask):
     """The kernel's error at most twice PyTorch's own in the input dtype (plus 1e-4),
     against the float64 reference; lse within 1e-3; nothing non-finite."""
-    want, want_lse = ref.attention_ref(q, k, v, mask, return_lse=True)
-    torch_err = ref.rel_err(ref.attention_ref(q, k, v, mask, dtype=q.dtype), want)
+    want, want_lse = testing.attention_ref(q, k, v, mask, return_lse=True)
+    torch_err = ref.rel_err(testing.attention_ref(q, k, v, mask, dtype=q.dtype), want)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert ref.rel_err(out, want) <= 2 * torch_err + 1e-4
     assert (lse.double() - want_lse).abs().max() < 1e-3
@@ -379,8 +383,8 @@ def test_adaptive_kernel_matches_reference(case, head_dim, dtype):
     out, lse = swattn.sliding_window_attention(
         q, k, v, window, causal=causal, dilation=dil, global_tokens=g, return_lse=True
     )
-    left, right = swattn.adaptive_windows(window, causal, hq, s, "cuda")
-    assert_matches_reference(out, lse, q, k, v, ref.local_mask(s, left, right, dil, g, device="cuda"))  # (hq, s, s)
+    left, right = wspec.adaptive_windows(window, causal, hq, s, "cuda")
+    assert_matches_reference(out, lse, q, k, v, testing.local_mask(s, left, right, dil, g, device="cuda"))  # (hq, s, s)
 
 
 # --- the nn.Module ----------------------------------------------------------------------
@@ -401,7 +405,7 @@ def hf_style_attention(module: swattn.SlidingWindowAttention, x: torch.Tensor, m
 
 def test_dense_mask_is_the_reference_mask():
     for args in [(40, 3, 3), (40, 5, 0), (41, 4, 2, 3), (40, 2, 2, 1, 5), (1, 0, 0)]:
-        assert torch.equal(swattn.dense_mask(*args), ref.local_mask(*args))
+        assert torch.equal(wspec.dense_mask(*args), testing.local_mask(*args))
 
 
 @pytest.mark.parametrize("heads,kv_heads,window,causal", [(4, 4, 8, True), (4, 2, (6, 3), False), (8, 1, 100, True)])
@@ -409,8 +413,8 @@ def test_module_cpu_matches_hf_style_reference(heads, kv_heads, window, causal):
     torch.manual_seed(0)
     layer = swattn.SlidingWindowAttention(64, heads, kv_heads, window=window, causal=causal).double()
     x = rand(2, 37, 64, seed=9)
-    left, right = swattn.normalize_window(window, causal, 37)
-    want = hf_style_attention(layer, x, ref.local_mask(37, left, right))
+    left, right = wspec.normalize_window(window, causal, 37)
+    want = hf_style_attention(layer, x, testing.local_mask(37, left, right))
     assert ref.rel_err(layer(x), want) < 1e-6  # HF's softmax runs in float32 even for float64 inputs
 
 
@@ -418,7 +422,7 @@ def test_module_cpu_matches_hf_style_reference(heads, kv_heads, window, causal):
 @pytest.mark.gpu
 def test_module_cuda_kernel_matches_cpu_path():
     torch.manual_seed(0)
-    layer = swattn.GroupedQueryAttention(512, 8, 2, window=64, causal=True)
+    layer = swattn.SlidingWindowAttention(512, 8, 2, window=64, causal=True)
     x = rand(2, 300, 512, dtype=torch.float32, seed=10)
     want = layer(x)  # CPU: the SDPA path, float32
     got = layer.to("cuda", torch.bfloat16)(x.to("cuda", torch.bfloat16))

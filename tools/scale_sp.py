@@ -1,9 +1,9 @@
 """Scaling of sequence-parallel attention (distributed.py) over the GPUs of one host.
 
-    python scripts/scale_sp.py [--seqs 131072 262144] [--windows 4096 full] [--gpus 1 2 4]
+    python tools/scale_sp.py [--seqs 131072 262144] [--windows 4096 full] [--gpus 1 2 4]
                                [--modes fwd fwdbwd] [--out results/scale_sp.json]
-    python scripts/scale_sp.py --plot results/scale_sp.json   # the PNG beside it (no GPU needed)
-    python scripts/scale_sp.py --smoke                        # gloo ranks on the CPU, tiny shapes
+    python tools/scale_sp.py --plot results/scale_sp.json   # the PNG beside it (no GPU needed)
+    python tools/scale_sp.py --smoke                        # gloo ranks on the CPU, tiny shapes
 
 For each (seq, window, mode) and GPU count P: the time of one call, forward
 (``fwd``) or forward + backward (``fwdbwd``), every rank synchronised, the
@@ -96,7 +96,8 @@ def with_backward(fn, q, k, v, dout):
 def kernels_only(q, k, v, dout, rank, world, seq, window, device):
     """The attention blocks rank ``rank`` computes, on local tensors (no transfer):
     the ring's visible blocks (full) or one block over the keys the window reaches."""
-    from online import block_attention, block_attention_backward, block_visible, window_bounds
+    from swattn.online import block_attention, block_attention_backward, window_bounds
+    from swattn.window import block_visible
 
     n = q.shape[1]
     left, right = window_bounds(None if window == "full" else int(window), False, seq)
@@ -124,8 +125,8 @@ def kernels_only(q, k, v, dout, rank, world, seq, window, device):
 
 def worker(rank, world, port, cases, shape, results):
     """One rank: time every (seq, window, mode) case; rank 0 reports (ms, kernels-only ms)."""
-    import distributed
     import swattn
+    from swattn import distributed
 
     cuda = shape["device"] == "cuda"  # (a spawned rank gets a copy of the dict: compare by value)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")

@@ -1,7 +1,7 @@
 """Sweep the backward kernel's tiles and CTAs per SM on bench_op shapes; one table.
-Feeds backward.TILES.
+Feeds swattn/tiles.json.
 
-    python scripts/sweep_bwd.py [--shapes 1 3] [--dtype float16]
+    python tools/sweep_bwd.py [--shapes 1 3] [--dtype float16]
 
 Compiles every variant in worker processes first (TileLang's disk cache then
 serves the timing process), then times the main backward kernel alone (dQ
@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from sweep_common import bench_shapes, check_and_time, compile_all, random_qkv, shape_label  # noqa: E402  (scripts/ is on sys.path as the script's folder)
+from sweep_common import bench_shapes, check_and_time, compile_all, random_qkv, shape_label  # noqa: E402  (tools/ is on sys.path as the script's folder)
 
 # (block_m, block_n, threads, num_stages, CTAs per SM, dQ by TMA reduce-add), or
 # None = backward's shipped tile (configs/op_tiles.json). Session 4 (H200) settled
@@ -37,11 +37,11 @@ VARIANTS = [
 
 
 def _compile(job):
-    import backward
+    from swattn import launch
 
     head_dim, dtype, tile = job
     try:
-        backward.compiled_backward(head_dim, dtype, "sm_90a", tile)
+        launch.compiled_backward(head_dim, dtype, "sm_90a", tile)
     except Exception as e:  # a variant that does not build is reported, not fatal
         return job, repr(e)[:200]
     return job
@@ -62,8 +62,8 @@ def main() -> None:
 
     import torch
 
-    import backward
     import swattn
+    from swattn import launch
 
     dt = getattr(torch, args.dtype)
     lines = [
@@ -76,22 +76,22 @@ def main() -> None:
         do = torch.randn_like(q)
         out, lse = swattn.sliding_window_attention(q, k, v, (left, right), return_lse=True)
         delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-        win, kt = swattn._placeholders(q.device)
+        win, kt = launch.placeholders(q.device)
         grads = [torch.empty(x.shape, device="cuda", dtype=torch.float32) for x in (q, k, v)]
         base = None
         for tile in VARIANTS:
             try:
-                kern = backward.compiled_backward(d, args.dtype, "sm_90a", tile)
+                kern = launch.compiled_backward(d, args.dtype, "sm_90a", tile)
             except Exception as e:
                 print(tile, "failed:", repr(e)[:200])
                 continue
 
-            launch = (q, k, v, do, lse, delta, *grads, win, kt, left, right, 0, hk, s, s, 1)
-            call = functools.partial(_launch, kern, launch)
+            kargs = (q, k, v, do, lse, delta, *grads, win, kt, left, right, 0, hk, s, s, 1)
+            call = functools.partial(_launch, kern, kargs)
 
             # dQ is zeroed by the call itself (it accumulates): poison dK and dV
             us, err, base = check_and_time(call, grads[1:], grads, base, warmup=20)
-            tile = tile or backward.tile_config(d, "sm_90a")
+            tile = tile or launch.tile_config(d, "sm_90a", "backward")
             lines.append(f"| {shape_label(sh)} | {tile} | {us:.1f} | {err:.1e} |")
             print(lines[-1], flush=True)
     print("\n".join(lines))

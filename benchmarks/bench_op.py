@@ -1,9 +1,9 @@
-"""Benchmark of the general op (swattn.py) against its peers, on the shapes of
+"""Benchmark of the general op (swattn.sliding_window_attention) against its peers, on the shapes of
 configs/bench_op.json (issue 3): batched, multi-head, GQA, long sequences.
 
-    python bench_op.py                 # every shape, fp16 and bf16
-    python bench_op.py --dtypes float16 --out results/op
-    python bench_op.py --backward      # forward + backward (backward = 2.5x the forward's FLOPs)
+    python benchmarks/bench_op.py                 # every shape, fp16 and bf16
+    python benchmarks/bench_op.py --dtypes float16 --out results/op
+    python benchmarks/bench_op.py --backward      # forward + backward (backward = 2.5x the forward's FLOPs)
 
 Columns, per shape and dtype (medians of triton.testing.do_bench, inputs made
 once outside the timing):
@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import reference as ref
-import swattn
-from bench import card_peaks, environment
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the card's bench.py (peaks, environment) and reference.py
 
-ROOT = Path(__file__).resolve().parent
+import reference as ref  # noqa: E402
+import swattn  # noqa: E402
+from bench import card_peaks, environment  # noqa: E402
 CONFIG = json.loads((ROOT / "configs" / "bench_op.json").read_text())
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 

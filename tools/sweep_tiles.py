@@ -1,6 +1,6 @@
 """Sweep tile configurations and lowerings of the kernel on one GPU; prints one table.
 
-    python scripts/sweep_tiles.py [--seq 512 1024 2048] [--window 128] [--lowerings]
+    python tools/sweep_tiles.py [--seq 512 1024 2048] [--window 128] [--lowerings]
 
 ``--lowerings`` sweeps how TileLang lowers the card's 64 x 64 tile instead of
 its shape: Hopper's default (a producer warpgroup issuing TMA loads, wgmma in

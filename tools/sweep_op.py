@@ -1,7 +1,7 @@
 """Sweep the general op's kernel variants (tile shape, CTAs per SM, kernel mode)
-on bench_op shapes; prints one table. Feeds swattn.TILES.
+on bench_op shapes; prints one table. Feeds swattn/tiles.json.
 
-    python scripts/sweep_op.py [--shapes 1 3] [--dtype float16]
+    python tools/sweep_op.py [--shapes 1 3] [--dtype float16]
 
 Compiles every variant in worker processes first (TileLang's disk cache then
 serves the timing process), then times each with triton's do_bench (median).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from sweep_common import bench_shapes, check_and_time, compile_all, random_qkv, shape_label  # noqa: E402  (scripts/ is on sys.path as the script's folder)
+from sweep_common import bench_shapes, check_and_time, compile_all, random_qkv, shape_label  # noqa: E402  (tools/ is on sys.path as the script's folder)
 
 # (block_m, block_n, threads, num_stages, CTAs per SM) or None for swattn.TILES;
 # kernel mode; loop schedule: "ws" TileLang's warp-specialized TMA pipeline,
@@ -55,14 +55,15 @@ VARIANTS = [
 def build(head_dim, dtype, tile, mode, schedule, skip):
     import tilelang
 
-    import swattn
+    from swattn import launch
+    from swattn.kernels import forward as fwd_kernels
 
     if tile is not None and tile[0] == 128 and tile[1] == 64 and head_dim == 128:
         raise ValueError("128x64 tiles at D=128 do not fit")
     configs = {"tl.enable_fast_math": True}
     if schedule == "auto":
         configs["tl.enable_auto_warp_specialization"] = "role_based"
-    fn = swattn.make_forward(head_dim, dtype, "sm_90a", tile, mode, skip)
+    fn = fwd_kernels.make_forward(head_dim, dtype, "sm_90a", tile or launch.tile_config(head_dim, "sm_90a"), mode, skip)
     return tilelang.compile(fn, target={"kind": "cuda", "arch": "sm_90a"}, pass_configs=configs)
 
 
@@ -86,7 +87,7 @@ def main() -> None:
 
     import torch
 
-    import swattn
+    from swattn import launch
 
     dt = getattr(torch, args.dtype)
     lines = [
@@ -106,11 +107,11 @@ def main() -> None:
                 print(tile, mode, schedule, "failed:", repr(e)[:200])
                 continue
 
-            win, kt = swattn._placeholders(q.device)
+            win, kt = launch.placeholders(q.device)
             call = functools.partial(kern, q, k, v, out, lse, win, kt, sh["left"], sh["right"], 0, hq, hk, s, 1)
 
             us, err, base = check_and_time(call, [out], [out], base)
-            tile = tile or swattn.tile_config(d, "sm_90a")
+            tile = tile or launch.tile_config(d, "sm_90a")
             lines.append(f"| {shape_label(sh)} | {tile} | {mode} | {schedule} | {skip} | {us:.1f} | {err:.1e} |")
             print(lines[-1], flush=True)
     print("\n".join(lines))

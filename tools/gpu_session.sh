@@ -4,14 +4,12 @@
 #   tests   every GPU test but the course kit's (xdist), memcheck of test.py
 #   course  the course kit on the GPU (the grader compiles many kernels: minutes)
 #   bench   make run, make bench, bench_op.py forward and forward+backward
-#   train   train.py (kernel vs SDPA + mask, same seed) and the overhead probe
+#   train   examples/train.py (kernel vs SDPA + mask, same seed)
 #   sweeps  backward tiles (sweep_bwd.py) and D=128 forward tiles at two CTAs/SM (sweep_op.py)
 #   sp      (two or more GPUs) the NCCL tests
-#   scale   the sequence-parallel scaling table (scripts/scale_sp.py; arguments follow)
-#   experiments  the hand-written-pipeline forwards (probe_resident_kv.py, probe_overlap_d128.py,
-#           probe_assignment_split.py)
+#   scale   the sequence-parallel scaling table (tools/scale_sp.py; arguments follow)
 #   profile Nsight Compute on the forward of bench_op shapes 1-3 (hardware counters)
-# bench_op.py adds a FlashAttention-4 column when flash_attn.cute imports (/tmp/fa4
+# benchmarks/bench_op.py adds a FlashAttention-4 column when flash_attn.cute imports (/tmp/fa4
 # on PYTHONPATH after tilelang's site: bench_op.py's docstring).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -22,7 +20,7 @@ case "${1:-tests}" in
 tests)
   timeout 420 python3 -m pytest test.py tests -m gpu -n 12 -p no:cacheprovider -q --ignore=tests/test_course.py \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-  timeout 120 bash scripts/sanitize.sh 2>&1 | tee "$OUT/sanitize.log" | grep -E "ERROR SUMMARY|passed|failed"
+  timeout 120 bash tools/sanitize.sh 2>&1 | tee "$OUT/sanitize.log" | grep -E "ERROR SUMMARY|passed|failed"
   ;;
 course)
   timeout 560 python3 -m pytest tests/test_course.py -n 6 -p no:cacheprovider -q -rA 2>&1 | tee "$OUT/course.log" |
@@ -31,16 +29,15 @@ course)
 bench)
   python3 bench.py --assignment 2>&1 | grep -v INFO | tee "$OUT/run.log"
   python3 bench.py --out "$OUT" 2>&1 | grep -v INFO | tail -25 | tee "$OUT/bench.log"
-  python3 bench_op.py --out "$OUT" 2>&1 | grep "^|" | tee "$OUT/bench_op.log"
-  python3 bench_op.py --backward --out "$OUT" 2>&1 | grep "^|" | tee "$OUT/bench_op_bwd.log"
+  python3 benchmarks/bench_op.py --out "$OUT" 2>&1 | grep "^|" | tee "$OUT/bench_op.log"
+  python3 benchmarks/bench_op.py --backward --out "$OUT" 2>&1 | grep "^|" | tee "$OUT/bench_op_bwd.log"
   ;;
 train)
-  python3 train.py --out "$OUT" 2>&1 | grep -v INFO | tee "$OUT/train.log"
-  python3 scripts/probe_overhead.py 2>&1 | grep "^|" | tee "$OUT/probe.log"
+  python3 examples/train.py --out "$OUT" 2>&1 | grep -v INFO | tee "$OUT/train.log"
   ;;
 sweeps)
-  python3 scripts/sweep_bwd.py --shapes 0 1 3 2>&1 | grep -v INFO | tee "$OUT/sweep_bwd.log" | grep "^|"
-  python3 scripts/sweep_op.py --shapes 3 4 --variants 1 14 15 16 2>&1 | grep -v INFO | tee "$OUT/sweep_op.log" | grep "^|"
+  python3 tools/sweep_bwd.py --shapes 0 1 3 2>&1 | grep -v INFO | tee "$OUT/sweep_bwd.log" | grep "^|"
+  python3 tools/sweep_op.py --shapes 3 4 --variants 1 14 15 16 2>&1 | grep -v INFO | tee "$OUT/sweep_op.log" | grep "^|"
   ;;
 sp)
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -49,19 +46,12 @@ sp)
 scale)
   # the rest of the arguments go to scale_sp.py, e.g. scale --seqs 131072 --windows full --modes fwd
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-  python3 scripts/scale_sp.py "${@:2}" --out "$OUT/scale_sp.json" 2>&1 | grep -v INFO | tee -a "$OUT/scale_sp.log" | grep "^|"
-  ;;
-experiments)
-  # issues 8 and 2: the hand-written-pipeline experiments, correctness first, then timings
-  # (timeouts sum to 540 s: a hang in one leaves the others inside a 600 s call)
-  timeout 150 python3 scripts/probe_resident_kv.py 2>&1 | grep -v INFO | tee "$OUT/resident.log" | grep -E "^\||Error"
-  timeout 150 python3 scripts/probe_overlap_d128.py --no-overlap 2>&1 | grep -v INFO | tee "$OUT/overlap.log" | grep -E "^\||Error"
-  timeout 240 python3 scripts/probe_assignment_split.py 2>&1 | grep -v INFO | tee "$OUT/assignment_split.log" | grep -E "^\||Error"
+  python3 tools/scale_sp.py "${@:2}" --out "$OUT/scale_sp.json" 2>&1 | grep -v INFO | tee -a "$OUT/scale_sp.log" | grep "^|"
   ;;
 profile)
   ncu --clock-control none --profile-from-start off --section SpeedOfLight --section ComputeWorkloadAnalysis \
     --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
-    python3 scripts/profile_op.py --shapes 1 2 3 >"$OUT/ncu_fwd.txt" 2>&1
+    python3 tools/profile_op.py --shapes 1 2 3 >"$OUT/ncu_fwd.txt" 2>&1
   grep -E "forward_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|DRAM Throughput|Issue Slots Busy|Achieved Occupancy|Registers Per" "$OUT/ncu_fwd.txt" | head -60
   ;;
 esac

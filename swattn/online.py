@@ -19,8 +19,9 @@ where it lies in the whole sequence.
 
 Layout (batch, seq, heads, head_dim), separate Q, K, V, GQA (q_heads a
 multiple of kv_heads). On CUDA (float16/bfloat16, head_dim 64/128, no global
-token in the block) a block runs the TileLang kernel (``swattn.attention_block``);
-otherwise the eager path below (float32, or float64 for float64 inputs).
+token in the block) a block runs the TileLang kernel (``launch.forward`` with
+the offsets folded into the window); otherwise the eager twin (float32, or
+float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import math
 
 import torch
 
-import swattn
+from . import eager, launch
+from .window import block_mask, block_visible, normalize_window, shift_window
 
 
 def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor):
@@ -48,30 +50,14 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_
 
 
 def window_bounds(window, causal: bool, seq_len: int) -> tuple[int, int]:
-    """(left, right) of an int W, a pair, or None (full attention), with causal -> right = 0."""
-    if window is None:
-        window = max(seq_len - 1, 0)
-    return swattn.normalize_window(window, causal, max(seq_len, 1))
+    """(left, right) of an int W, a pair (-1: unbounded), or None (full attention), with causal -> right = 0."""
+    return normalize_window(window, causal, max(seq_len, 1))
 
 
-def block_visible(q_offset: int, q_len: int, k_offset: int, k_len: int, left: int, right: int, global_tokens: int):
-    """Whether any (query, key) pair of the two blocks is inside the window."""
-    if q_len == 0 or k_len == 0:
-        return False
-    if q_offset < global_tokens or k_offset < global_tokens:
-        return True
-    lo = k_offset - (q_offset + q_len - 1)  # smallest j - i
-    hi = k_offset + k_len - 1 - q_offset  # largest j - i
-    return lo <= right and hi >= -left
-
-
-def block_mask(q_offset, q_len, k_offset, k_len, left, right, global_tokens, device=None) -> torch.Tensor:
-    """Boolean (q_len, k_len): which pairs of the two blocks the window keeps.
-    ``left``/``right`` may also be tensors (..., q_len, 1), one bound per query row:
-    the mask is then (..., q_len, k_len)."""
-    i = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
-    j = torch.arange(k_offset, k_offset + k_len, device=device)[None, :]
-    return ((j - i >= -left) & (j - i <= right)) | (i < global_tokens) | (j < global_tokens)
+def _kernel_block(q, k, global_tokens: int, q_offset: int, k_offset: int) -> bool:
+    """Whether a block runs the kernels: CUDA, their dtypes and head dims, no global token."""
+    touches_global = q_offset < global_tokens or k_offset < global_tokens
+    return launch.on_gpu(q) and q.dtype in launch.DTYPES and q.shape[3] in launch.HEAD_DIMS and not touches_global
 
 
 def block_attention(
@@ -95,15 +81,15 @@ def block_attention(
     the kernel's dtype (q's) instead of a float32 copy.
     """
     sq, d, sk = q.shape[1], q.shape[3], k.shape[1]
-    touches_global = q_offset < global_tokens or k_offset < global_tokens
-    if swattn.on_gpu(q) and q.dtype in swattn.DTYPES and d in swattn.HEAD_DIMS and not touches_global:
+    if _kernel_block(q, k, global_tokens, q_offset, k_offset):
         if scale is not None:
             q = q * (scale * math.sqrt(d))
-        delta = q_offset - k_offset  # local j - i = global (j - i) + delta
-        out, lse = swattn.attention_block(q, k, v, left - delta, right + delta)
+        lo, hi = shift_window(left, right, k_offset - q_offset, sq + sk)
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        out, lse = launch.forward(q, k, v, lo, hi)
         return (out if final else out.float()), lse
     mask = block_mask(q_offset, sq, k_offset, sk, left, right, global_tokens, device=q.device)
-    return masked_forward(q, k, v, mask, scale)
+    return eager.masked_forward(q, k, v, mask, scale)
 
 
 def block_attention_backward(
@@ -116,56 +102,13 @@ def block_attention_backward(
     ``k_offset``. Summing over the key blocks gives the gradient of the whole
     attention (the FlashAttention-2 backward, blocked); dk, dv are summed over
     each GQA group."""
-    b, sq, hq, d = q.shape
-    sk, hk = k.shape[1], k.shape[2]
-    touches_global = q_offset < global_tokens or k_offset < global_tokens
-    if swattn.on_gpu(q) and q.dtype in swattn.DTYPES and d in swattn.HEAD_DIMS and not touches_global and scale is None:
-        import backward  # compiles on first use
-
-        shift, span = q_offset - k_offset, sq + sk
-        lo, hi = max(min(left - shift, span), -span), max(min(right + shift, span), -span)
+    sq, sk = q.shape[1], k.shape[1]
+    if _kernel_block(q, k, global_tokens, q_offset, k_offset) and scale is None:
+        lo, hi = shift_window(left, right, k_offset - q_offset, sq + sk)
         q, k, v = (x.contiguous() for x in (q, k, v))
-        return backward.attention_backward(dout, q, k, v, None, lse, lo, hi, sk, 1, hk, true_q_len=sq, delta=delta)
+        return launch.backward(dout, q, k, v, lse, delta, lo, hi, sk, true_q_len=sq)
     mask = block_mask(q_offset, sq, k_offset, sk, left, right, global_tokens, device=q.device)
-    return masked_backward(dout, q, k, v, lse, delta, mask, scale)
-
-
-def _eager_operands(q, k, v, mask, scale):
-    """Working dtype, transposed q and group-repeated k, v, and the masked scaled scores."""
-    work = work_dtype(q)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    group = q.shape[2] // k.shape[2]
-    qt = q.to(work).transpose(1, 2)
-    kt, vt = (x.to(work).transpose(1, 2).repeat_interleave(group, dim=1) for x in (k, v))
-    scores = ((qt @ kt.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf"))
-    return work, scale, qt, kt, vt, scores
-
-
-def masked_forward(q, k, v, mask, scale=None):
-    """The eager path of every block and of the op on CPU: (out, lse) of attention
-    under a boolean mask broadcasting to (batch, q_heads, q_len, k_len), float32
-    (float64 for float64 inputs); rows that see nothing get 0 and -inf."""
-    _, _, _, _, vt, scores = _eager_operands(q, k, v, mask, scale)
-    lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None])
-    return (p @ vt).transpose(1, 2), lse
-
-
-def masked_backward(dout, q, k, v, lse, delta, mask, scale=None):
-    """(dq, dk, dv) of ``masked_forward`` given the (merged) lse and delta =
-    rowsum(dout * out) - dlse: P recomputed from lse, dS = P (dP - delta) scale;
-    dk, dv summed over each GQA group."""
-    work, scale, qt, kt, vt, scores = _eager_operands(q, k, v, mask, scale)
-    b, sk, hk, d = k.shape
-    lse = lse.to(work)
-    p = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None])
-    dot = dout.to(work).transpose(1, 2)
-    ds = p * (dot @ vt.transpose(-1, -2) - delta.to(work)[..., None]) * scale
-    group = q.shape[2] // hk
-    dq = (ds @ kt).transpose(1, 2)
-    dk = (ds.transpose(-1, -2) @ qt).view(b, hk, group, sk, d).sum(2).transpose(1, 2)
-    dv = (p.transpose(-1, -2) @ dot).view(b, hk, group, sk, d).sum(2).transpose(1, 2)
-    return dq, dk, dv
+    return eager.masked_backward(dout, q, k, v, lse, delta, mask, scale)
 
 
 def output_delta(dout: torch.Tensor, out: torch.Tensor, dlse: torch.Tensor | None = None) -> torch.Tensor:
@@ -175,31 +118,16 @@ def output_delta(dout: torch.Tensor, out: torch.Tensor, dlse: torch.Tensor | Non
     head dims, one pass of the backward's preprocess kernel reads out and dout in
     their own dtype (an eager float32 product and sum would write and read them
     again in float32: ~3.5 GB at 131072 tokens, 32 heads of 128)."""
-    b, s, h, d = out.shape
-    if swattn.on_gpu(out) and out.dtype in swattn.DTYPES and d in swattn.HEAD_DIMS:
-        import backward  # compiles on first use
-
-        delta = torch.empty(b, h, s, device=out.device, dtype=torch.float32)
-        kernel = backward.compiled_preprocess(d, swattn.DTYPES[out.dtype], swattn.cuda_arch(out.device))
-        kernel(out.contiguous(), dout.to(out.dtype).contiguous(), delta)
-    else:
-        work = work_dtype(out)
-        delta = (dout.to(work) * out.to(work)).sum(-1).transpose(1, 2)
-    if dlse is not None:
-        delta = delta - dlse.to(delta.dtype)
-    return delta.contiguous()
-
-
-def work_dtype(q: torch.Tensor) -> torch.dtype:
-    """The dtype of the softmax state (lse, merged out) and the gradients: float64
-    for float64 inputs, else float32."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
+    if launch.on_gpu(out) and out.dtype in launch.DTYPES and out.shape[3] in launch.HEAD_DIMS:
+        delta = launch.preprocess(out, dout)
+        return (delta if dlse is None else delta - dlse.float()).contiguous()
+    return eager.output_delta(dout, out, dlse)
 
 
 def empty_state(q: torch.Tensor):
     """(out, lse) before any key block, for q (batch, seq, heads, dim): zeros and -inf,
     float32 (float64 for float64 q)."""
-    work = work_dtype(q)
+    work = eager.work_dtype(q)
     out = torch.zeros(q.shape, dtype=work, device=q.device)
     lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=work, device=q.device)
     return out, lse

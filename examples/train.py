@@ -4,8 +4,8 @@ seed on the same batches, once with the TileLang op and once with PyTorch's
 SDPA + the same window as a dense mask. The two loss curves must agree to
 within bf16 noise, and the kernel run should be faster.
 
-    python train.py                     # on a GPU: both runs, results/train.{json,png}
-    python train.py --steps 3 --tiny    # a CPU smoke run (SDPA only)
+    python examples/train.py                     # on a GPU: both runs, results/train.{json,png}
+    python examples/train.py --steps 3 --tiny    # a CPU smoke run (SDPA only)
 
 The text is the repository's own sources (README, *.py, analysis.md), read as
 bytes: nothing to download. Window (the repository's one definition): token i
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from swattn import SlidingWindowAttention
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository: its sources are the corpus
 
 
 def corpus() -> torch.Tensor:
@@ -37,7 +37,7 @@ class Block(torch.nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int, window: int, impl: str):
         super().__init__()
         self.norm1, self.norm2 = torch.nn.RMSNorm(dim), torch.nn.RMSNorm(dim)
-        self.attn = SlidingWindowAttention(dim, heads, kv_heads, window=window, causal=True, impl=impl)
+        self.attn = SlidingWindowAttention(dim, heads, kv_heads, window=window, causal=True, impl="sdpa" if impl == "sdpa" else "auto")
         self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
 
     def forward(self, x):

@@ -3,7 +3,7 @@ GPUs, gloo on CPUs), forward and backward.
 
 The sequence is split into P equal shards, rank r holding positions
 [r * n, (r + 1) * n) of q, k, v as (batch, n, heads, head_dim). Window: the
-repository's one definition (online.py): query i sees key j iff
+repository's one definition (window.py): query i sees key j iff
 -left <= j - i <= right, or either is below ``global_tokens``.
 
 Two schedules, both built on online.py's blocks (``block_attention``,
@@ -30,16 +30,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from online import (
-    block_attention,
-    block_attention_backward,
-    block_visible,
-    empty_state,
-    merge_,
-    output_delta,
-    window_bounds,
-    work_dtype,
-)
+from .eager import work_dtype
+from .online import block_attention, block_attention_backward, empty_state, merge_, output_delta, window_bounds
+from .window import block_visible
 
 
 def _shard_len(q: torch.Tensor, group) -> int:

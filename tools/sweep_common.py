@@ -99,24 +99,23 @@ def compare_experiment(sh: dict, kern, label: str) -> None:
     """An experimental forward ``kern(q, k, v, out, lse, left, right)`` (window
     mode, float16) against the shipped kernel on shape ``sh``, both called raw
     (no launcher): outputs poisoned first, the error of out and lse against the
-    float64 oracle (reference.attention_ref) when the shape is small enough,
+    float64 oracle (swattn.testing.attention_ref) when the shape is small enough,
     else against the shipped kernel (which the tests hold to the oracle); then
     both timed. Prints one table row each."""
     import functools
 
     import torch
 
-    import reference as ref
-    import swattn
+    from swattn import launch, testing
 
     b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
     left, right = sh["left"], sh["right"]
     q, k, v = random_qkv(sh, torch.float16)
     base = None  # the shipped kernel's outputs become the base, unless the oracle fits
     if b * hq * s * s <= 2**27:  # the dense float64 oracle fits
-        base = list(ref.attention_ref(q, k, v, ref.local_mask(s, left, right, device=q.device), return_lse=True))
-    shipped = swattn.compiled_forward(d, "float16", "sm_90a", None, "window")
-    win, kt = swattn._placeholders(q.device)
+        base = list(testing.attention_ref(q, k, v, testing.local_mask(s, left, right, device=q.device), return_lse=True))
+    shipped = launch.compiled_forward(d, "float16", "sm_90a", None, "window")
+    win, kt = launch.placeholders(q.device)
     for name, call, scalars in [
         ("shipped", shipped, (win, kt, left, right, 0, hq, hk, s, 1)),
         (label, kern, (left, right)),

@@ -4,7 +4,7 @@ goes, counted by the hardware (analysis.md, "Where the forward loses").
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight \\
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \\
-        --section WarpStateStats python scripts/profile_op.py --shapes 1 2 3
+        --section WarpStateStats python tools/profile_op.py --shapes 1 2 3
 
 Compiles and runs every call once before the profiled range.
 """
