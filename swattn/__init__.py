@@ -10,10 +10,17 @@ right = 0; lse in natural log; a row that sees no key gives 0. The repository's
 CUDA runs the TileLang kernels (float16/bfloat16); the CPU an exact eager twin.
 """
 
-from .api import sliding_window_attention
+from .api import flash_attn_func, flash_attn_varlen_func, sliding_window_attention
 from .modules import SlidingWindowAttention
 from .online import merge_
 
 __version__ = "0.2.0"
 
-__all__ = ["SlidingWindowAttention", "__version__", "merge_", "sliding_window_attention"]
+__all__ = [
+    "SlidingWindowAttention",
+    "__version__",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "merge_",
+    "sliding_window_attention",
+]

@@ -26,7 +26,7 @@ from .window import adaptive_windows, check_window, is_adaptive, normalize_windo
 CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_qkv(q, k, v, same_length: bool = True) -> None:
+def check_qkv(q, k, v, same_length: bool = True, any_head_dim: bool = False) -> None:
     """Types, ranks, dtypes, devices, shapes and head counts of (batch, seq, heads,
     head_dim) q, k, v; raises TypeError / ValueError naming what is wrong."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -45,11 +45,11 @@ def check_qkv(q, k, v, same_length: bool = True) -> None:
     (b, s, hq, d), (bk, sk, hk, dk) = q.shape, k.shape
     if k.shape != v.shape or b != bk or d != dk or (same_length and s != sk):
         raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if min(b, s, sk) < 1 and same_length:
+    if same_length and min(b, s) < 1:
         raise ValueError(f"need batch >= 1 and seq >= 1, got q {tuple(q.shape)}")
     if hq < 1 or hk < 1 or hq % hk:
         raise ValueError(f"q_heads must be a positive multiple of kv_heads, got {hq} / {hk}")
-    if q.is_cuda and d not in launch.HEAD_DIMS:
+    if q.is_cuda and not any_head_dim and d not in launch.HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {launch.HEAD_DIMS} on CUDA, got {d}")
     if d < 1:
         raise ValueError(f"head_dim must be >= 1, got {d}")
@@ -128,4 +128,128 @@ def sliding_window_attention(
     out, lse = ops.attention(q, k, v, left, right, dilation, global_tokens, row_windows)
     if layout == "bhsd":
         out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+MAX_HEAD_DIM = 256
+
+
+def _check_flash_args(q, softmax_scale, causal, window_size, softcap, sinks):
+    """The scalars of the FlashAttention-style functions; returns the scale."""
+    check_window(window_size, "window_size")
+    if window_size is None or isinstance(window_size, int):
+        raise TypeError(f"window_size must be a (left, right) pair (-1: unbounded), got {window_size!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    check_scale(softmax_scale)
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap!r}")
+    d, hq = q.shape[-1], q.shape[-2]
+    if q.is_cuda and (d % 8 or d > MAX_HEAD_DIM):
+        raise ValueError(f"head_dim must be a multiple of 8 up to {MAX_HEAD_DIM} on CUDA, got {d}")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or sinks.shape != (hq,):
+            raise ValueError(f"sinks must be a tensor of shape (q_heads,) = ({hq},), got {getattr(sinks, 'shape', sinks)}")
+        if sinks.device != q.device:
+            raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
+        if sinks.dtype not in (torch.float32, q.dtype, torch.float64):
+            raise TypeError(f"sinks must be float32 or q's dtype, got {sinks.dtype}")
+    return 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+
+
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """FlashAttention's ``flash_attn_func`` with its conventions, differentiable in q, k, v and sinks.
+
+    Window: query i of seqlen_q sits at key position pos = i + seqlen_k - seqlen_q
+    (bottom-right aligned) and attends keys pos - left .. pos + right of
+    ``window_size=(left, right)``, -1 unbounded; ``causal`` sets right = 0. The
+    repository's |i - j| <= W is (W, W); transformers' ``sliding_window=W`` is
+    (W - 1, 0) with causal.
+
+    Args:
+        q: (batch, seqlen_q, q_heads, head_dim); k, v: (batch, seqlen_k, kv_heads,
+            head_dim), q_heads a multiple of kv_heads. CUDA: float16/bfloat16, head_dim
+            a multiple of 8 up to 256; CPU: float32/float64/float16/bfloat16.
+        softmax_scale: default 1 / sqrt(head_dim).
+        softcap: c > 0 replaces each scaled score s by c * tanh(s / c), before the mask.
+        sinks: (q_heads,) learned sink logits (float32 or q's dtype): each adds
+            exp(sink) to its head's softmax denominators, with no value.
+        return_lse: also return lse (batch, q_heads, seqlen_q), float32, natural log
+            (the sink included; -inf for a row that sees nothing and no sink).
+    Returns:
+        out (batch, seqlen_q, q_heads, head_dim) in q's dtype (0 for a row that sees
+        no key), and lse if ``return_lse``.
+    """
+    check_qkv(q, k, v, same_length=False, any_head_dim=True)
+    scale = _check_flash_args(q, softmax_scale, causal, window_size, softcap, sinks)
+    sq, sk = q.shape[1], k.shape[1]
+    left, right = normalize_window(window_size, causal, sq, sk)
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    out, lse = ops.flash_attention(q, k, v, None, None, sinks, left, right, softcap, scale, sq, sk)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """FlashAttention's ``flash_attn_varlen_func``: packed sequences, one launch.
+
+    q (total_q, q_heads, head_dim), k, v (total_k, kv_heads, head_dim); sequence b
+    holds rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q and likewise of k, v
+    (int32, batch + 1, on q's device, non-decreasing from 0); max_seqlen_q/k bound
+    the lengths. Each sequence gets its own bottom-right window (see
+    ``flash_attn_func``, whose other arguments these are). Returns out (total_q,
+    q_heads, head_dim), and lse (q_heads, total_q) if ``return_lse``.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"{name} must be a (total, heads, head_dim) tensor, got {getattr(x, 'shape', x)}")
+    check_qkv(q[None], k[None], v[None], same_length=False, any_head_dim=True)
+    scale = _check_flash_args(q, softmax_scale, causal, window_size, softcap, sinks)
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of batch + 1 offsets, got {getattr(cu, 'dtype', cu)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k disagree on the batch: {cu_seqlens_q.numel()} vs "
+                         f"{cu_seqlens_k.numel()} offsets")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {m!r}")
+    if not q.is_cuda:  # the offsets are on the host already: check them all (the GPU path cannot without a sync)
+        for name, cu, total, m in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                   ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+            lens = cu[1:] - cu[:-1]
+            if int(cu[0]) != 0 or bool((lens < 0).any()) or int(cu[-1]) > total:
+                raise ValueError(f"{name} must start at 0, not decrease and end at most at {total}: {cu.tolist()}")
+            if int(lens.max()) > m:
+                raise ValueError(f"{name} holds a sequence of {int(lens.max())} tokens, over max {m}")
+    left, right = normalize_window(window_size, causal, max(max_seqlen_q, 1), max(max_seqlen_k, 1))
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    out, lse = ops.flash_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale, max_seqlen_q, max_seqlen_k
+    )
     return (out, lse) if return_lse else out

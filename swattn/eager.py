@@ -127,3 +127,62 @@ def class_masks(s, heads, left, right, win, n_global, true_seq_len, dilation, he
     )
     exists = i[None, :] < valid[:, None]  # (heads, s)
     return local & exists[:, :, None] & exists[:, None, :]
+
+
+def _sequences(q, cu_seqlens_q, cu_seqlens_k):
+    """(q rows, k rows, sq, sk) per sequence: the whole batch's row ranges for
+    (batch, seq, heads, dim) tensors, cu_seqlens' for packed (total, heads, dim) ones."""
+    if cu_seqlens_q is None:
+        return None
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
+
+
+def flash_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, left: int, right: int, softcap: float, scale: float):
+    """``masked_forward`` under the bottom-right window (left, right), per sequence:
+    (batch, seq, heads, dim) tensors as one batch, or packed (total, heads, dim)
+    with cu_seqlens. Returns out in the work dtype (q's layout) and lse ((batch,
+    heads, seq_q) or (heads, total_q))."""
+    seqs = _sequences(q, cu_seqlens_q, cu_seqlens_k)
+    if seqs is None:
+        sq, sk = q.shape[1], k.shape[1]
+        mask = window.block_mask(sk - sq, sq, 0, sk, left, right, device=q.device)
+        return masked_forward(q, k, v, mask, scale, softcap, sinks)
+    work = work_dtype(q)
+    out = q.new_zeros(q.shape, dtype=work)
+    lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=work)
+    for rq, rk in seqs:
+        sq, sk = rq.stop - rq.start, rk.stop - rk.start
+        if sq == 0:
+            continue
+        mask = window.block_mask(sk - sq, sq, 0, sk, left, right, device=q.device)
+        o, l_ = masked_forward(q[None, rq], k[None, rk], v[None, rk], mask, scale, softcap, sinks)
+        out[rq], lse[:, rq] = o[0], l_[0]
+    return out, lse
+
+
+def flash_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale):
+    """(dq, dk, dv, dsinks or None) of ``flash_forward``, in the work dtype."""
+    seqs = _sequences(q, cu_seqlens_q, cu_seqlens_k)
+    if seqs is None:
+        sq, sk = q.shape[1], k.shape[1]
+        mask = window.block_mask(sk - sq, sq, 0, sk, left, right, device=q.device)
+        delta = output_delta(dout, out, dlse)
+        grads = masked_backward(dout, q, k, v, lse, delta, mask, scale, softcap, sinks)
+        return grads if sinks is not None else (*grads, None)
+    work = work_dtype(q)
+    dq, dk, dv = (x.new_zeros(x.shape, dtype=work) for x in (q, k, v))
+    dsinks = None if sinks is None else torch.zeros(sinks.shape, dtype=work, device=q.device)
+    for rq, rk in seqs:
+        sq, sk = rq.stop - rq.start, rk.stop - rk.start
+        if sq == 0 or sk == 0:
+            continue
+        mask = window.block_mask(sk - sq, sq, 0, sk, left, right, device=q.device)
+        dl = None if dlse is None else dlse[None, :, rq]
+        delta = output_delta(dout[None, rq], out[None, rq], dl)
+        g = masked_backward(dout[None, rq], q[None, rq], k[None, rk], v[None, rk], lse[None, :, rq], delta, mask,
+                            scale, softcap, sinks)
+        dq[rq], dk[rk], dv[rk] = g[0][0], g[1][0], g[2][0]
+        if sinks is not None:
+            dsinks += g[3]
+    return dq, dk, dv, dsinks

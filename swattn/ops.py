@@ -175,3 +175,124 @@ def attention(
     fwd = attention_fwd if torch.compiler.is_compiling() else _EagerAttention.apply
     out, lse = fwd(qv, kv, vv, *tables, *scalars)
     return window.from_classes(out, lse, s, dilation)
+
+
+# ---- the FlashAttention-style op: bottom-right windows, varlen, softcap, sinks ----------
+#
+# q (batch, seq_q, q_heads, D) with k, v (batch, seq_k, kv_heads, D), or packed
+# q (total_q, q_heads, D), k, v (total_k, kv_heads, D) with int32 cu_seqlens_q/k
+# (batch + 1). Query i of a sequence sits at key position i + seq_k - seq_q and
+# sees keys pos - left .. pos + right (window.py). lse (batch, q_heads, seq_q), or
+# (q_heads, total_q) packed; natural log, sinks included.
+
+
+def _flash_fwd_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    sinks: torch.Tensor | None,
+    left: int,
+    right: int,
+    softcap: float,
+    scale: float,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if launch.on_gpu(q):
+        return launch.flash_forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale, max_seqlen_q, max_seqlen_k
+        )
+    out, lse = eager.flash_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale)
+    return out.to(q.dtype), lse
+
+
+flash_fwd = torch.library.custom_op("swattn::flash_fwd", _flash_fwd_impl, mutates_args=())
+
+
+@flash_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, *scalars):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=eager.work_dtype(q))
+
+
+def _flash_bwd_impl(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    sinks: torch.Tensor | None,
+    left: int,
+    right: int,
+    softcap: float,
+    scale: float,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks): the input dtypes, dsinks float32 (zeros (0,) without sinks)."""
+    if launch.on_gpu(q):
+        dq, dk, dv, dsinks = launch.flash_backward(
+            dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale,
+            max_seqlen_q, max_seqlen_k,
+        )
+    else:
+        dq, dk, dv, dsinks = eager.flash_backward(
+            dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale
+        )
+    dsinks = q.new_zeros((0,), dtype=torch.float32) if dsinks is None else dsinks.to(sinks.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks
+
+
+flash_bwd = torch.library.custom_op("swattn::flash_bwd", _flash_bwd_impl, mutates_args=())
+
+
+@flash_bwd.register_fake
+def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, *scalars):
+    dsinks = q.new_empty((0,), dtype=torch.float32) if sinks is None else torch.empty_like(sinks)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
+
+
+N_FLASH_INPUTS = 12  # q, k, v, cu_seqlens_q, cu_seqlens_k, sinks and six scalars
+
+
+def _flash_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, sinks, *scalars = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, sinks)
+    ctx.scalars = scalars
+
+
+def _flash_backward(ctx, dout, dlse, bwd=flash_bwd):
+    q, k, v, out, lse, cu_q, cu_k, sinks = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    dq, dk, dv, dsinks = bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, sinks, *ctx.scalars)
+    return (dq, dk, dv, None, None, dsinks if sinks is not None else None) + (None,) * (N_FLASH_INPUTS - 6)
+
+
+flash_fwd.register_autograd(_flash_backward, setup_context=_flash_setup_context)
+
+
+class _EagerFlash(torch.autograd.Function):
+    """``flash_fwd`` without the dispatcher's host cost, for eager calls (as ``_EagerAttention``)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _flash_fwd_impl(*inputs)
+        _flash_setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _flash_backward(ctx, dout, dlse, _flash_bwd_impl)
+
+
+def flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale, max_q, max_k):
+    """Differentiable (q, k, v, sinks) bottom-right windowed attention (inputs validated by api.py)."""
+    fwd = flash_fwd if torch.compiler.is_compiling() else _EagerFlash.apply
+    return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, left, right, float(softcap), float(scale), max_q, max_k)
