@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from importlib import resources
 
 import tilelang
@@ -25,9 +26,11 @@ import torch
 from . import window
 from .kernels import backward as bwd_kernels
 from .kernels import forward as fwd_kernels
+from .kernels.common import LOG2E
 
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (64, 128)  # every kernel; the FlashAttention-style ones also 256 (PADDED_HEAD_DIMS)
+PADDED_HEAD_DIMS = (64, 128, 256)  # other multiples of 8 are zero-padded up to the next
 TILES = json.loads(resources.files(__package__).joinpath("tiles.json").read_text())
 FWD_FIELDS = ("block_m", "block_n", "threads", "num_stages", "occupancy")
 BWD_FIELDS = FWD_FIELDS + ("dq_tma",)
@@ -61,17 +64,35 @@ def _compile(prim_func, arch: str, fast_math: bool = True):
 
 
 @functools.cache
-def compiled_forward(head_dim: int, dtype: str, arch: str, tile: tuple | None = None, mode: str = "general",
-                     skip_full_masks: bool = True):
+def compiled_forward(
+    head_dim: int,
+    dtype: str,
+    arch: str,
+    tile: tuple | None = None,
+    mode: str = "general",
+    skip_full_masks: bool = True,
+    varlen: bool = False,
+    softcap: bool = False,
+    sinks: bool = False,
+):
     tile = tile or tile_config(head_dim, arch)
-    return _compile(fwd_kernels.make_forward(head_dim, dtype, arch, tile, mode, skip_full_masks), arch)
+    fn = fwd_kernels.make_forward(head_dim, dtype, arch, tile, mode, skip_full_masks, varlen, softcap, sinks)
+    return _compile(fn, arch)
 
 
 @functools.cache
-def compiled_backward(head_dim: int, dtype: str, arch: str, tile: tuple | None = None, adaptive: bool = False,
-                      kv_grads: str = "float32"):
+def compiled_backward(
+    head_dim: int,
+    dtype: str,
+    arch: str,
+    tile: tuple | None = None,
+    adaptive: bool = False,
+    kv_grads: str = "float32",
+    varlen: bool = False,
+    softcap: bool = False,
+):
     tile = tile or tile_config(head_dim, arch, "backward")
-    return _compile(bwd_kernels.make_backward(head_dim, dtype, arch, tile, adaptive, kv_grads), arch)
+    return _compile(bwd_kernels.make_backward(head_dim, dtype, arch, tile, adaptive, kv_grads, varlen, softcap), arch)
 
 
 @functools.cache
@@ -80,11 +101,13 @@ def compiled_preprocess(head_dim: int, dtype: str, arch: str):
 
 
 @functools.cache
-def placeholders(device) -> tuple[torch.Tensor, torch.Tensor]:
-    """WIN and KT for the kernels that do not read them."""
+def placeholders(device) -> tuple[torch.Tensor, ...]:
+    """WIN, KT, CU (cu_seqlens) and SINK for the kernels that do not read them."""
     return (
         torch.zeros(1, 1, 2, dtype=torch.int32, device=device),
         torch.zeros(1, 1, 3, dtype=torch.int32, device=device),
+        torch.zeros(2, dtype=torch.int32, device=device),
+        torch.zeros(1, dtype=torch.float32, device=device),
     )
 
 
@@ -101,6 +124,7 @@ def forward(
     kv_heads_per_class: int | None = None,
     tables: tuple | None = None,
     tile: tuple | None = None,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward kernel: (out in q's dtype, lse (batch, q_heads, seq_q) float32, natural log).
 
@@ -109,16 +133,17 @@ def forward(
     ``heads_per_class`` / ``kv_heads_per_class`` (default: one class). ``tables``:
     (WIN, KT) of adaptive windows (``adaptive_tables``). The cheapest compiled
     mode that serves the call runs: "window" unless dilation, global tokens or
-    adaptive windows need more. ``tile`` overrides the shipped tile (sweeps)."""
+    adaptive windows need more. ``tile`` overrides the shipped tile (sweeps).
+    ``scale``: the softmax scale, default 1 / sqrt(D)."""
     b, s, hq, d = q.shape
     hk = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
+    win, kt, cu, sink = placeholders(q.device)
     if tables is not None:
         mode, (win, kt) = "adaptive", tables
     else:
         mode = "general" if dilation > 1 or n_global > 0 else "window"
-        win, kt = placeholders(q.device)
     kernel = compiled_forward(d, DTYPES[q.dtype], cuda_arch(q.device), tile, mode)
     scalars = (
         left,
@@ -128,8 +153,12 @@ def forward(
         hk if kv_heads_per_class is None else kv_heads_per_class,
         k.shape[1] if true_seq_len is None else true_seq_len,
         dilation,
+        0,
+        (1.0 / math.sqrt(d) if scale is None else scale) * LOG2E,
+        0.0,
+        0.0,
     )
-    kernel(q, k, v, out, lse, win, kt, *scalars)
+    kernel(q, k, v, out, lse, win, kt, cu, cu, sink, *scalars)
     return out, lse
 
 
@@ -160,6 +189,7 @@ def backward(
     tables=None,
     kv_grads_dtype: torch.dtype = torch.float32,
     tile: tuple | None = None,
+    scale: float | None = None,
 ):
     """The backward kernel: (dq float32, dk, dv in ``kv_grads_dtype``: float32 or
     q's dtype) for tensors in the kernels' layout; lse (natural log) and delta =
@@ -178,11 +208,14 @@ def backward(
     dv = torch.empty(v.shape, device=device, dtype=kv_grads_dtype)
     kv_grads = "float32" if kv_grads_dtype == torch.float32 else DTYPES[q.dtype]
     kernel = compiled_backward(d, DTYPES[q.dtype], cuda_arch(device), tile, tables is not None, kv_grads)
-    win, kt = tables if tables is not None else placeholders(device)
+    win, kt, cu, _ = placeholders(device)
+    if tables is not None:
+        win, kt = tables
     q_len = q.shape[1] if true_q_len is None else true_q_len
     kvpc = k.shape[2] if kv_heads_per_class is None else kv_heads_per_class
-    scalars = (left, right, n_global, kvpc, q_len, true_seq_len, dilation)
-    kernel(q, k, v, do, lse, delta, dq, dk, dv, win, kt, *scalars)
+    sm_scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scalars = (left, right, n_global, kvpc, q_len, true_seq_len, dilation, 0, sm_scale, 0.0)
+    kernel(q, k, v, do, lse, delta, dq, dk, dv, win, kt, cu, cu, *scalars)
     return dq, dk, dv
 
 
@@ -209,3 +242,86 @@ def adaptive_tables(win, dilation: int, q_heads: int, kv_heads: int, seq_len: in
     lo_u, hi_u = torch.where(empty, n_g[:, 0], lo_u), torch.where(empty, n_g[:, 0], hi_u)
     kt_bwd = torch.stack([n_g[:, 0], lo_u, hi_u], -1).int().contiguous()
     return win, kt_fwd.contiguous(), kt_bwd
+
+
+def _padded(x: torch.Tensor, d: int) -> torch.Tensor:
+    """x with its last dim zero-padded to d (scores and outputs of the real dims unchanged)."""
+    return x if x.shape[-1] == d else torch.nn.functional.pad(x, (0, d - x.shape[-1]))
+
+
+def padded_head_dim(d: int) -> int:
+    """The kernel head_dim that serves head_dim d (a multiple of 8 up to 256)."""
+    return next(p for p in PADDED_HEAD_DIMS if d <= p)
+
+
+def _flash_views(q, k, v, cu_seqlens_q, left: int, right: int):
+    """(q, k, v as (batch, seq, heads, D), kernel-local (left, right)): packed tensors
+    as one batch of their totals; unpacked ones with seq_q != seq_k shifted
+    bottom-right on the host (varlen kernels shift per sequence themselves)."""
+    if cu_seqlens_q is not None:
+        return q[None], k[None], v[None], left, right
+    sq, sk = q.shape[1], k.shape[1]
+    lo, hi = window.shift_window(left, right, sq - sk, sq + sk)
+    return q, k, v, lo, hi
+
+
+def flash_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale, max_seqlen_q, max_seqlen_k):
+    """The forward kernel in its FlashAttention-style variants (``ops.flash_fwd``'s
+    arguments): (out like q, lse (batch, q_heads, seq_q) or (q_heads, total_q))."""
+    d = q.shape[-1]
+    dp = padded_head_dim(d)
+    varlen = cu_seqlens_q is not None
+    qv, kv, vv, lo, hi = _flash_views(*(_padded(x, dp) for x in (q, k, v)), cu_seqlens_q, left, right)
+    b, s, hq, _ = qv.shape
+    out = torch.empty_like(qv)
+    lse = torch.empty(b, hq, s, device=q.device, dtype=torch.float32)
+    win, kt, cu, sink = placeholders(q.device)
+    kernel = compiled_forward(
+        dp, DTYPES[q.dtype], cuda_arch(q.device), None, "window", True, varlen, softcap > 0, sinks is not None
+    )
+    scale_log2, cap_pre = (LOG2E, scale / softcap) if softcap > 0 else (scale * LOG2E, 0.0)
+    kernel(
+        qv, kv, vv, out, lse, win, kt,
+        cu_seqlens_q if varlen else cu,
+        cu_seqlens_k if varlen else cu,
+        sink if sinks is None else sinks.float().contiguous(),
+        lo, hi, 0, hq, kv.shape[2], kv.shape[1], 1, max_seqlen_q if varlen else 0, scale_log2, float(softcap), cap_pre,
+    )  # fmt: skip
+    out = out[..., :d]
+    return (out[0], lse[0]) if varlen else (out, lse)
+
+
+def flash_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale,
+                   max_seqlen_q, max_seqlen_k):
+    """The backward kernel in its FlashAttention-style variants: (dq, dk, dv in the
+    inputs' dtype, dsinks float32 or None); lse as ``flash_forward`` returned it.
+    dsink_h = -sum over rows of exp(sink_h - lse) * delta, delta = rowsum(dO * O) - dlse."""
+    d = q.shape[-1]
+    dp = padded_head_dim(d)
+    varlen = cu_seqlens_q is not None
+    device = q.device
+    qv, kv, vv, lo, hi = _flash_views(*(_padded(x, dp) for x in (q, k, v)), cu_seqlens_q, left, right)
+    dov, outv = (_padded(x, dp)[None] if varlen else _padded(x, dp) for x in (dout, out))
+    lsev = lse[None] if varlen else lse
+    delta = preprocess(outv, dov)
+    if dlse is not None:
+        delta = delta - (dlse[None] if varlen else dlse).float()
+    dq = torch.zeros(qv.shape, device=device, dtype=torch.float32)
+    dk, dv = torch.empty_like(kv), torch.empty_like(vv)
+    win, kt, cu, _ = placeholders(device)
+    kernel = compiled_backward(dp, DTYPES[q.dtype], cuda_arch(device), None, False, DTYPES[q.dtype], varlen, softcap > 0)
+    sk = kv.shape[1]
+    kernel(
+        qv, kv, vv, dov.contiguous(), lsev.float().contiguous(), delta.contiguous(), dq, dk, dv, win, kt,
+        cu_seqlens_q if varlen else cu,
+        cu_seqlens_k if varlen else cu,
+        lo, hi, 0, kv.shape[2], qv.shape[1], sk, 1, max_seqlen_k if varlen else 0, scale, float(softcap),
+    )  # fmt: skip
+    dsinks = None
+    if sinks is not None:
+        p_sink = torch.exp(sinks.float()[None, :, None] - lsev.float())
+        dsinks = -(p_sink * delta).sum((0, 2))
+    grads = (dq[..., :d], dk[..., :d], dv[..., :d])
+    if varlen:
+        grads = tuple(g[0] for g in grads)
+    return (*grads, dsinks)

@@ -95,6 +95,8 @@ def block_mask(q_offset, q_len, k_offset, k_len, left, right, global_tokens=0, d
     local = (off >= -left * dilation) & (off <= right * dilation)
     if dilation > 1:
         local = local & (off % dilation == 0)
+    if not global_tokens:  # (a query before the keys, at a negative position, is no global token)
+        return local
     return local | (i < global_tokens) | (j < global_tokens)
 
 

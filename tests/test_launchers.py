@@ -28,6 +28,9 @@ class StandIn:
         for n, (arg, param) in enumerate(zip(args, params, strict=True)):
             buf = self.prim_func.buffer_map.get(param)
             if buf is None:
+                if str(param.dtype).startswith("float"):
+                    assert isinstance(arg, float), f"argument {n}: {arg!r} for the float {param}"
+                    continue
                 assert isinstance(arg, int) and not isinstance(arg, bool), f"argument {n}: {arg!r} for {param}"
                 assert -(2**31) <= arg < 2**31, f"argument {n} overflows int32: {arg}"
                 continue

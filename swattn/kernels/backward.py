@@ -22,7 +22,6 @@ Three steps, no O(N^2) buffer anywhere:
 
 # No `from __future__ import annotations`: TileLang evaluates the prim_func annotations.
 import functools
-import math
 
 import tilelang.language as T
 import tvm.tirx as tir  # tvm ships inside tilelang; importable once tilelang is
@@ -67,6 +66,8 @@ def make_backward(
     tile: tuple,
     adaptive: bool = False,
     kv_grads: str = "float32",
+    varlen: bool = False,
+    softcap: bool = False,
 ):
     """dQ (float32, accumulated across CTAs) and dK, dV (``kv_grads``: each is
     written once, by the CTA of its key tile, so the input dtype saves a float32
@@ -93,15 +94,23 @@ def make_backward(
     tile through shared memory with one TMA reduce-add (cp.reduce.async.bulk,
     clipped at the sequence end by the hardware) instead of one float32 atomic
     per element: 1.1x at D = 64 and with the 128-key tile at D = 128 (where the
-    64x64 tile's second CTA per SM had no room for its 32 KB)."""
+    64x64 tile's second CTA per SM had no room for its 32 KB).
+
+    ``varlen``: packed sequences as in ``forward.make_forward`` (tensors (1, total,
+    heads, D), LSE/Delta (1, heads, total_q), CU_Q/CU_K offsets; each sequence's
+    window shifted bottom-right here; the grid walks ceil(max_seqlen_k / block_n)
+    key tiles per sequence). ``softcap``: P from the capped scores and dS carries
+    the cap's derivative, scale * (1 - tanh^2). The softmax scale is a run-time
+    value (``sm_scale``)."""
+    if adaptive and (varlen or softcap):
+        raise ValueError("varlen and softcap are not built on adaptive windows")
     block_m, block_n, threads, num_stages, occupancy, dq_tma = tile
     accum = "float32"
     batch, seq_len, kv_len = T.dynamic("batch"), T.dynamic("seq_len"), T.dynamic("kv_len")
     q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
     win_heads, win_len = T.dynamic("win_heads"), T.dynamic("win_len")
     kt_heads, kt_tiles = T.dynamic("kt_heads"), T.dynamic("kt_tiles")
-    sm_scale = 1.0 / math.sqrt(head_dim)
-    scale_log2 = LOG2E * sm_scale
+    cu_len = T.dynamic("cu_len")
 
     @T.prim_func
     def backward(
@@ -116,6 +125,8 @@ def make_backward(
         dV: T.Tensor((batch, kv_len, kv_heads, head_dim), kv_grads),
         WIN: T.Tensor((win_heads, win_len, 2), "int32"),
         KT: T.Tensor((kt_heads, kt_tiles, 3), "int32"),
+        CU_Q: T.Tensor((cu_len,), "int32"),
+        CU_K: T.Tensor((cu_len,), "int32"),
         left: T.int32,
         right: T.int32,
         n_global: T.int32,
@@ -123,8 +134,13 @@ def make_backward(
         true_q_len: T.int32,
         true_seq_len: T.int32,
         dilation: T.int32,
+        max_seqlen_k: T.int32,  # varlen: the grid's key tiles per sequence
+        sm_scale: T.float32,
+        cap: T.float32,  # softcap (softcap only)
     ):
-        with T.Kernel(T.ceildiv(kv_len, block_n), kv_heads, batch, threads=threads) as (bx, kvh, b):
+        grid_n = T.ceildiv(max_seqlen_k, block_n) if varlen else T.ceildiv(kv_len, block_n)
+        n_seq = cu_len - 1 if varlen else batch
+        with T.Kernel(grid_n, kv_heads, n_seq, threads=threads) as (bx, kvh, b):
             # As in forward.make_forward, but TileLang gives this loop's producer as many
             # threads as the consumers (it stages lse/delta with cp.async as well as
             # loading by TMA), so the split is computed for that.
@@ -140,6 +156,7 @@ def make_backward(
             ds_s = T.alloc_shared((block_n, block_m), dtype)
             st = T.alloc_fragment((block_n, block_m), accum)  # S^T, then P^T
             dpt = T.alloc_fragment((block_n, block_m), accum)  # dP^T, then dS^T
+            dcap = T.alloc_fragment((block_n, block_m), accum) if softcap else None  # 1 - tanh^2
             pt_cast = T.alloc_fragment((block_n, block_m), dtype)
             dk = T.alloc_fragment((block_n, head_dim), accum)
             dv = T.alloc_fragment((block_n, head_dim), accum)
@@ -153,9 +170,23 @@ def make_backward(
             glob_s = T.alloc_shared((block_m,), "int32")
 
             group = q_heads // kv_heads
-            # Keys and queries that exist in this head class (dilation pads classes).
-            k_valid = class_len(true_seq_len, kvh // kv_heads_per_class, dilation)
-            q_valid = class_len(true_q_len, kvh // kv_heads_per_class, dilation)
+            scale_log2 = sm_scale * LOG2E
+            cap_pre = sm_scale / cap if softcap else None
+            if varlen:
+                # This sequence's rows, and its window shifted bottom-right (query i sits
+                # at key position i + seq_k - seq_q), in registers.
+                q_base = T.alloc_var("int32", init=CU_Q[b])
+                k_base = T.alloc_var("int32", init=CU_K[b])
+                q_valid = T.alloc_var("int32", init=CU_Q[b + 1] - CU_Q[b])
+                k_valid = T.alloc_var("int32", init=CU_K[b + 1] - CU_K[b])
+                left = left - (k_valid - q_valid)
+                right = right + (k_valid - q_valid)
+                bi, q_rows, k_rows = 0, q_valid, k_valid
+            else:
+                # Keys and queries that exist in this head class (dilation pads classes).
+                q_base, k_base, bi, q_rows, k_rows = 0, 0, b, seq_len, kv_len
+                k_valid = class_len(true_seq_len, kvh // kv_heads_per_class, dilation)
+                q_valid = class_len(true_q_len, kvh // kv_heads_per_class, dilation)
             # The query tiles whose rows see a key of this tile: the forward's
             # schedule seen from the key side (left and right swap, so do the
             # tiles): a tile holding a global key is seen by every query; the
@@ -167,24 +198,27 @@ def make_backward(
             # Held in registers: inlined, these selects would grow every index below.
             n_g = T.alloc_var("int32", init=sched[0])
             lo = T.alloc_var("int32", init=sched[1])
-            n_q = T.alloc_var("int32", init=sched[0] + sched[2] - sched[1])
+            n_tiles = sched[0] + sched[2] - sched[1]
+            if varlen:  # a key tile past its sequence's end has no query to visit
+                n_tiles = T.if_then_else(bx * block_n < k_valid, n_tiles, 0)
+            n_q = T.alloc_var("int32", init=n_tiles)
 
-            T.copy(K[b, bx * block_n : (bx + 1) * block_n, kvh, :], k_s)
-            T.copy(V[b, bx * block_n : (bx + 1) * block_n, kvh, :], v_s)
+            T.copy(K[bi, k_base + bx * block_n : k_base + (bx + 1) * block_n, kvh, :], k_s)
+            T.copy(V[bi, k_base + bx * block_n : k_base + (bx + 1) * block_n, kvh, :], v_s)
             T.fill(dk, 0)
             T.fill(dv, 0)
             for it in T.Pipelined(group * n_q, num_stages=num_stages):
                 qh = kvh * group + it // n_q
                 qt = tile_of(it % n_q, n_g, lo)
-                T.copy(Q[b, qt * block_m : (qt + 1) * block_m, qh, :], q_s)
-                T.copy(dO[b, qt * block_m : (qt + 1) * block_m, qh, :], do_s)
+                T.copy(Q[bi, q_base + qt * block_m : q_base + (qt + 1) * block_m, qh, :], q_s)
+                T.copy(dO[bi, q_base + qt * block_m : q_base + (qt + 1) * block_m, qh, :], do_s)
                 # Per query row, once per tile: lse, delta (0 past the end, where the
                 # mask hides the row) and the keys the row sees.
                 for i in T.Parallel(block_m):
                     qi = qt * block_m + i
-                    row = T.min(qi, seq_len - 1)
-                    lse_s[i] = T.if_then_else(qi < seq_len, LSE[b, qh, row], 0)
-                    delta_s[i] = T.if_then_else(qi < seq_len, Delta[b, qh, row], 0)
+                    row = q_base + T.min(qi, q_rows - 1)
+                    lse_s[i] = T.if_then_else(qi < q_rows, LSE[bi, qh, row], 0)
+                    delta_s[i] = T.if_then_else(qi < q_rows, Delta[bi, qh, row], 0)
                     if adaptive:
                         row_left, row_right = WIN[qh, row, 0], WIN[qh, row, 1]
                     else:
@@ -205,7 +239,15 @@ def make_backward(
                         qt * block_m, bx * block_n, block_m, block_n, k_valid, left, right, n_global
                     ),
                 )
-                if full:
+                if softcap:
+                    # P from the capped score cap * tanh(s * scale / cap); keep the cap's
+                    # derivative 1 - tanh^2 for dS (the scale joins it below).
+                    for j, i in T.Parallel(block_n, block_m):
+                        th = T.tanh(st[j, i] * cap_pre)
+                        dcap[j, i] = 1 - th * th
+                        seen = row_sees(bx * block_n + j, first_s[i], count_s[i], glob_s[i])
+                        st[j, i] = T.Select(seen, T.exp2((cap * th - lse_s[i]) * LOG2E), T.float32(0))
+                elif full:
                     for j, i in T.Parallel(block_n, block_m):
                         st[j, i] = T.exp2(st[j, i] * scale_log2 - lse_s[i] * LOG2E)
                 else:
@@ -220,7 +262,10 @@ def make_backward(
                 T.copy(st, pt_cast)
                 T.gemm(pt_cast, do_s, dv, policy=T.GemmWarpPolicy.FullRow)
                 for j, i in T.Parallel(block_n, block_m):
-                    dpt[j, i] = T.if_then_else(st[j, i] > 0, st[j, i] * (dpt[j, i] - delta_s[i]) * sm_scale, 0)
+                    ds = st[j, i] * (dpt[j, i] - delta_s[i]) * sm_scale
+                    if softcap:
+                        ds = ds * dcap[j, i]
+                    dpt[j, i] = T.if_then_else(st[j, i] > 0, ds, 0)
                 T.copy(dpt, pt_cast)
                 T.gemm(pt_cast, q_s, dk, policy=T.GemmWarpPolicy.FullRow)
                 T.copy(pt_cast, ds_s)
@@ -228,14 +273,15 @@ def make_backward(
                 T.gemm(ds_s, k_s, dq, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
                 if dq_tma:
                     T.copy(dq, dq_s)
-                    T.atomic_add(dQ[b, qt * block_m : (qt + 1) * block_m, qh, :], dq_s, annotations={"use_tma": 1})
+                    rq = q_base + qt * block_m
+                    T.atomic_add(dQ[bi, rq : rq + block_m, qh, :], dq_s, annotations={"use_tma": 1})
                 else:
                     for i, d in T.Parallel(block_m, head_dim):
-                        if qt * block_m + i < seq_len:
-                            T.atomic_add(dQ[b, qt * block_m + i, qh, d], dq[i, d])
+                        if qt * block_m + i < q_rows:
+                            T.atomic_add(dQ[bi, q_base + qt * block_m + i, qh, d], dq[i, d])
             for j, d in T.Parallel(block_n, head_dim):
-                if bx * block_n + j < kv_len:
-                    dK[b, bx * block_n + j, kvh, d] = T.Cast(kv_grads, dk[j, d])
-                    dV[b, bx * block_n + j, kvh, d] = T.Cast(kv_grads, dv[j, d])
+                if bx * block_n + j < k_rows:
+                    dK[bi, k_base + bx * block_n + j, kvh, d] = T.Cast(kv_grads, dk[j, d])
+                    dV[bi, k_base + bx * block_n + j, kvh, d] = T.Cast(kv_grads, dv[j, d])
 
     return backward

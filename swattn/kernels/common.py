@@ -51,17 +51,18 @@ def softmax_scores(s, m, m_prev, m_tile, m_safe, alpha, l, l_tile, scale_log2):
 
 
 @T.macro
-def write_rows(O, LSE, acc, l, m_safe, b, row0, qh, seq_len, scale_log2):
+def write_rows(O, LSE, acc, l, m_safe, b, row0, qh, seq_len, scale_log2, base=0):
     """The epilogue: rows row0 .. row0 + len(l) - 1 (those below seq_len) of O
-    (acc / l; 0 for a row that saw no key) and LSE (natural log; -inf there)."""
+    (acc / l; 0 for a row that saw no key) and LSE (natural log; -inf there),
+    at O[b, base + row] (``base``: a packed sequence's first row)."""
     rows, dim = acc.shape[0], acc.shape[1]
     for i, j in T.Parallel(rows, dim):
         if row0 + i < seq_len:
-            O[b, row0 + i, qh, j] = T.if_then_else(l[i] > 0, acc[i, j] / l[i], 0)
+            O[b, base + row0 + i, qh, j] = T.if_then_else(l[i] > 0, acc[i, j] / l[i], 0)
     for i in T.Parallel(rows):
         if row0 + i < seq_len:
             # lse in natural-log units: (m * scale_log2 + log2 l) * ln 2.
-            LSE[b, qh, row0 + i] = T.if_then_else(
+            LSE[b, qh, base + row0 + i] = T.if_then_else(
                 l[i] > 0, (m_safe[i] * scale_log2 + T.log2(l[i])) * LN2, -T.infinity("float32")
             )
 
