@@ -6,44 +6,269 @@ The sequence is split into P equal shards, rank r holding positions
 repository's one definition (window.py): query i sees key j iff
 -left <= j - i <= right, or either is below ``global_tokens``.
 
+Before any transfer, every rank checks its own arguments (the single-device
+API's errors: ``window.check_window``, ``api.check_scale``, the shapes) and
+then all ranks exchange one small fixed-size int64 descriptor of them (one
+all-gather): window, causal, global tokens, scale, head counts, head_dim,
+dtype, batch, shard length, gradient tracking and whether the local check
+failed. A rank whose check failed raises its own error; every other rank
+raises a ValueError naming it; ranks that disagree all raise one ValueError
+naming what differs and each rank's value. So a mistake on one rank stops
+every rank instead of leaving the others waiting in a transfer.
+
+Every wait (the descriptor's all-gather, the halo and ring transfers, forward
+and backward) takes ``timeout`` (default: the process group's, set by
+``init_process_group(timeout=...)``): a rank that died or never calls leaves
+its peers with an error, not a hang. See ``sliding_window_attention_sp`` for
+what a timeout leaves behind.
+
 Two schedules, both built on online.py's blocks (``block_attention``,
 ``block_attention_backward``) and its one merge (``merge_``):
 
-* halo (a pure window): rank r needs only the K/V rows within ``left`` before
-  and ``right`` after its shard, from as many neighbours as the window spans
-  (``halo_plan``). They travel with one ``batch_isend_irecv`` while the rank
-  computes the rows whose windows stay inside its shard; the rows near an edge
-  then run over the halo and the local keys together (split by queries, so no
-  merge). The halo is kept for the backward, which sends the halo's dK/dV back
-  to their owners the same way, reversed.
-* ring (full attention, or global tokens, which every query must see): the
-  BurstAttention global-attention-optimisation ring. Forward: K/V blocks travel
-  around the ring, P - 1 hops, each hop's transfer posted before the current
-  block is computed (double buffering). Backward: K/V stay, and each query
-  shard's (q, dO, lse, delta) travels, its dQ accumulating on the way and
-  arriving home after the last hop. Blocks the window cannot see are skipped
-  (not their transfer: the ring must go on).
+* halo (a pure window, both sides bounded): rank r needs only the K/V rows
+  within ``left`` before and ``right`` after its shard, from as many neighbours
+  as the window spans (``halo_plan``). They travel with one
+  ``batch_isend_irecv`` while the rank computes the rows whose windows stay
+  inside its shard; the rows near an edge then run over the halo and the local
+  keys together (split by queries, so no merge). The halo is kept for the
+  backward, which sends the halo's dK/dV back to their owners the same way,
+  reversed.
+* ring (full attention, a side unbounded (-1), or global tokens, which every
+  query must see): the BurstAttention global-attention-optimisation ring.
+  Forward: K/V blocks travel around the ring, P - 1 hops, each hop's transfer
+  posted before the current block is computed (double buffering). Backward:
+  K/V stay, and each query shard's (q, dO, lse, delta) travels, its dQ
+  accumulating on the way and arriving home after the last hop. Blocks the
+  window cannot see are skipped (not their transfer: the ring must go on).
 """
 
 from __future__ import annotations
 
+import datetime
+import math
+import struct
+import zlib
+
 import torch
 import torch.distributed as dist
 
+from .api import check_scale
 from .eager import work_dtype
 from .online import block_attention, block_attention_backward, empty_state, merge_, output_delta, window_bounds
-from .window import block_visible
+from .window import UNBOUNDED, block_visible, check_window
+
+_MAGIC = 0x53575350_0001  # "SWSP", descriptor version 1: a peer in another collective shows up as a mismatch
+# The descriptor every rank contributes: int64 fields, in this order.
+_FIELDS = (
+    "magic",
+    "failed",
+    "left",
+    "right",
+    "causal",
+    "global_tokens",
+    "scale_given",
+    "scale_bits",
+    "q_heads",
+    "kv_heads",
+    "head_dim",
+    "dtype",
+    "batch",
+    "shard",
+    "grad",
+)
+_DTYPES = {zlib.crc32(str(d).encode()): str(d) for d in vars(torch).values() if isinstance(d, torch.dtype)}
 
 
-def _shard_len(q: torch.Tensor, group) -> int:
-    """The common shard length; uneven shards are an error on every rank."""
-    n = torch.tensor([q.shape[1]], device=q.device if q.is_cuda else "cpu")
-    lens = [torch.zeros_like(n) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(lens, n, group=group)
-    lens = [int(x) for x in lens]
-    if len(set(lens)) != 1:
-        raise ValueError(f"sequence shards must have equal lengths, got {lens}")
-    return lens[0]
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _bits_float(b: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", b))[0]
+
+
+# What the ranks must agree on: (name in the error, the value shown, from a descriptor dict)
+_AGREE = (
+    ("window (left, right; -1 unbounded; right 0 if causal)", lambda d: (d["left"], d["right"])),
+    ("causal", lambda d: bool(d["causal"])),
+    ("global_tokens", lambda d: d["global_tokens"]),
+    ("scale", lambda d: _bits_float(d["scale_bits"]) if d["scale_given"] else None),
+    ("q_heads", lambda d: d["q_heads"]),
+    ("kv_heads", lambda d: d["kv_heads"]),
+    ("head_dim", lambda d: d["head_dim"]),
+    ("dtype", lambda d: _DTYPES.get(d["dtype"], f"dtype#{d['dtype']}")),
+    ("batch", lambda d: d["batch"]),
+    ("shard length (sequence shards must have equal lengths)", lambda d: d["shard"]),
+    ("gradient tracking (all ranks or none must run the backward)", lambda d: bool(d["grad"])),
+)
+
+
+def uses_ring(pair: tuple[int, int] | None, global_tokens: int) -> bool:
+    """Whether a window runs the ring (else the halo): full attention (None), a
+    side unbounded (-1, as for full attention: the halo would gather the whole
+    sequence on a rank) or global tokens. ``pair``: ``check_window``'s (left,
+    right) with causal applied (right = 0)."""
+    return global_tokens > 0 or pair is None or UNBOUNDED in pair
+
+
+def _backend(group) -> str:
+    return str(dist.get_backend(group)).lower()
+
+
+def _group_device(group, q) -> torch.device:
+    """Where the descriptor's all-gather runs: the CPU for gloo, else q's device
+    (or the current CUDA device for NCCL when q is unusable)."""
+    backend = _backend(group)
+    if "gloo" in backend:  # gloo (also "cpu:gloo,cuda:nccl"): CPU tensors
+        return torch.device("cpu")
+    if isinstance(q, torch.Tensor) and q.device.type != "cpu":
+        return q.device
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_timeout(timeout) -> datetime.timedelta | None:
+    """None (the process group's timeout) or a positive timedelta (seconds as a number)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        if not math.isfinite(timeout):
+            raise ValueError(
+                f"timeout must be finite seconds or a timedelta (None: the process group's), got {timeout}"
+            )
+        timeout = datetime.timedelta(seconds=timeout)
+    if not isinstance(timeout, datetime.timedelta):
+        raise TypeError(f"timeout must be a datetime.timedelta, seconds or None, got {timeout!r}")
+    if timeout <= datetime.timedelta(0):
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    # Work.wait counts milliseconds and takes 0 as "no timeout": never round down to it
+    return max(timeout, datetime.timedelta(milliseconds=1))
+
+
+def _check_args(q, k, v, window, causal, global_tokens, scale, group) -> tuple[int, int] | None:
+    """This rank's arguments, with the single-device API's errors (api.py); returns
+    the window pair (-1 unbounded) with causal applied, None for full attention."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    pair = check_window(window)
+    if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
+        raise ValueError(f"global_tokens must be an int >= 0, got {global_tokens!r}")
+    check_scale(scale)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
+    if len({q.device, k.device, v.device}) != 1:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"q, k, v must be floating point, got {q.dtype}")
+    (b, s, hq, d), (bk, sk, hk, dk) = q.shape, k.shape
+    if k.shape != v.shape or b != bk or d != dk or s != sk:
+        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if min(b, s) < 1:
+        raise ValueError(f"need batch >= 1 and seq >= 1, got q {tuple(q.shape)}")
+    if hq < 1 or hk < 1 or hq % hk:
+        raise ValueError(f"q_heads must be a positive multiple of kv_heads, got {hq} / {hk}")
+    if d < 1:
+        raise ValueError(f"head_dim must be >= 1, got {d}")
+    if _backend(group) == "nccl" and not q.is_cuda:
+        raise ValueError(f"an NCCL group needs CUDA tensors, got q on {q.device}")
+    if pair is not None and causal:
+        pair = (pair[0], 0)
+    return pair
+
+
+def _describe(q, k, v, pair, causal, global_tokens, scale) -> list[int]:
+    left, right = (UNBOUNDED, UNBOUNDED) if pair is None else pair
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    d = dict(
+        magic=_MAGIC,
+        failed=0,
+        left=left,
+        right=right,
+        causal=int(causal),
+        global_tokens=global_tokens,
+        scale_given=int(scale is not None),
+        scale_bits=_float_bits(scale) if scale is not None else 0,
+        q_heads=q.shape[2],
+        kv_heads=k.shape[2],
+        head_dim=q.shape[3],
+        dtype=zlib.crc32(str(q.dtype).encode()),
+        batch=q.shape[0],
+        shard=q.shape[1],
+        grad=int(grad),
+    )
+    return [int(d[f]) for f in _FIELDS]
+
+
+def _ranks(ranks: list[int]) -> str:
+    """'rank 2', 'ranks 0, 1', 'ranks 0-63, 65': runs of three or more as ranges."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][-1] + 1:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    parts = [f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)) for run in runs]
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(parts)
+
+
+def _comm_error(e: Exception, what: str, timeout, group) -> Exception:
+    """A failed or timed-out wait, as an error that says where and what it means."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    limit = f"{timeout.total_seconds():g} s" if timeout is not None else "the process group's timeout"
+    msg = (
+        f"sliding_window_attention_sp: rank {rank} of {world}: {what} failed (waited at most {limit}): "
+        f"{type(e).__name__}: {e}. A rank that died, or never reached this call, leaves its peers here; "
+        "this process group should not be used for collectives any more"
+    )
+    if "timed out" in str(e).lower():
+        return TimeoutError(msg)
+    try:
+        return type(e)(msg)
+    except Exception:
+        return RuntimeError(msg)
+
+
+def _agree(desc: list[int], device, group, timeout, local_error: Exception | None) -> None:
+    """All-gather the ranks' descriptors; raise on every rank if one failed its
+    local check (that rank: its own error) or if they differ."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor(desc, dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    work = dist.all_gather(everyone, mine, group=group, async_op=True)
+    _wait([work], timeout, "checking that all ranks were given the same arguments", group)
+    descs = [dict(zip(_FIELDS, row, strict=True)) for row in torch.stack(everyone).tolist()]
+    if local_error is not None:
+        raise local_error
+    strangers = [r for r, d in enumerate(descs) if d["magic"] != _MAGIC]
+    if strangers:
+        raise ValueError(
+            f"sliding_window_attention_sp: {_ranks(strangers)} sent no descriptor of this function "
+            "(another collective, or another version of swattn?)"
+        )
+    failed = [r for r, d in enumerate(descs) if d["failed"]]
+    if failed:
+        raise ValueError(
+            f"sliding_window_attention_sp: {_ranks(failed)} rejected {'its' if len(failed) == 1 else 'their'} "
+            "arguments (the error there says why); every rank stops here rather than wait for it"
+        )
+    diffs = []
+    for name, value in _AGREE:
+        by_value: dict = {}
+        for r, d in enumerate(descs):
+            by_value.setdefault(value(d), []).append(r)
+        if len(by_value) > 1:
+            diffs.append(f"{name}: " + "; ".join(f"{val} on {_ranks(rs)}" for val, rs in by_value.items()))
+    if diffs:
+        raise ValueError(
+            "sliding_window_attention_sp: all ranks must be given the same arguments, but they differ in "
+            + " | ".join(diffs)
+        )
 
 
 def _peer(group, rank: int) -> int:
@@ -104,14 +329,19 @@ def _write(out, lse, r0: int, block) -> None:
     lse[:, :, r0 : r0 + o.shape[1]] = l
 
 
-def _wait(reqs) -> None:
+def _wait(reqs, timeout, what: str, group) -> None:
+    """Wait for posted transfers, at most ``timeout`` each (None: the process
+    group's timeout, which the backend applies)."""
     for r in reqs:
-        r.wait()
+        try:
+            r.wait() if timeout is None else r.wait(timeout)
+        except Exception as e:
+            raise _comm_error(e, what, timeout, group) from e
 
 
 class _SequenceParallelAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, left, right, global_tokens, scale, group, ring):
+    def forward(ctx, q, k, v, left, right, global_tokens, scale, group, ring, timeout):
         rank, world, n = dist.get_rank(group), dist.get_world_size(group), q.shape[1]
         kv = torch.stack([k, v])
         halo, sends = [], []
@@ -134,7 +364,7 @@ class _SequenceParallelAttention(torch.autograd.Function):
             if interior:
                 block = block_attention(q[:, a:z], k, v, rank * n + a, rank * n, left, right, 0, scale, final=True)
                 _write(out, lse, a, block)
-            _wait(reqs)
+            _wait(reqs, timeout, "the halo exchange of K/V", group)
             for buf, src in bufs:
                 halo.append((buf, src, src * n + (n - buf.shape[2] if src < rank else 0)))
             pieces = sorted([(kv, rank * n)] + [(buf, k0) for buf, _, k0 in halo], key=lambda p: p[1])
@@ -155,19 +385,19 @@ class _SequenceParallelAttention(torch.autograd.Function):
                     merge_(
                         out, lse, *block_attention(q, *current, rank * n, src * n, left, right, global_tokens, scale)
                     )
-                _wait(reqs)
+                _wait(reqs, timeout, f"ring hop {hop + 1} of K/V", group)
                 current, spare = spare, current
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, *(buf for buf, _, _ in halo))
         ctx.halo = [(src, k0) for _, src, k0 in halo]
         ctx.halo_sends = sends  # the backward returns their dK/dV the same way
-        ctx.args = left, right, global_tokens, scale, group, ring
+        ctx.args = left, right, global_tokens, scale, group, ring, timeout
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *halo_bufs = ctx.saved_tensors
-        left, right, global_tokens, scale, group, ring = ctx.args
+        left, right, global_tokens, scale, group, ring, timeout = ctx.args
         rank, world, n = dist.get_rank(group), dist.get_world_size(group), q.shape[1]
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         delta = output_delta(dout, out, dlse)
@@ -193,7 +423,8 @@ class _SequenceParallelAttention(torch.autograd.Function):
             incoming = [
                 (dk.new_empty(2, k.shape[0], rows, *k.shape[2:]), dst, rows, side) for dst, rows, side in ctx.halo_sends
             ]
-            _wait(_exchange(back, [(buf, dst) for buf, dst, _, _ in incoming], group))
+            reqs = _exchange(back, [(buf, dst) for buf, dst, _, _ in incoming], group)
+            _wait(reqs, timeout, "the backward's halo exchange of dK/dV", group)
             for buf, _, rows, side in incoming:
                 dk[:, _rows(n, rows, side)] += buf[0]
                 dv[:, _rows(n, rows, side)] += buf[1]
@@ -219,11 +450,12 @@ class _SequenceParallelAttention(torch.autograd.Function):
                     dv += gv
                 if world == 1:  # nothing travels: a rank never sends to itself
                     break
-                _wait(reqs + _exchange([(dq_travel, nxt)], [(dq_spare, prv)], group))  # dQ follows its queries
+                reqs += _exchange([(dq_travel, nxt)], [(dq_spare, prv)], group)  # dQ follows its queries
+                _wait(reqs, timeout, f"backward ring hop {hop + 1}", group)
                 travel, spare = spare, travel
                 dq_travel, dq_spare = dq_spare, dq_travel
             dq = dq_travel  # after the last hop, this rank's own dQ is home
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 def sliding_window_attention_sp(
@@ -237,17 +469,47 @@ def sliding_window_attention_sp(
     scale: float | None = None,
     return_lse: bool = False,
     group=None,
+    timeout: datetime.timedelta | float | None = None,
 ):
-    """Sliding-window (``window`` int or (left, right)) or full (``window=None``)
-    attention of this rank's shard; differentiable. Returns out (batch, n,
-    q_heads, head_dim) in q's dtype, and lse (batch, q_heads, n) float32/64
-    natural log if asked."""
-    if not (q.dim() == k.dim() == v.dim() == 4) or k.shape != v.shape or q.shape[:2] != k.shape[:2]:
-        raise ValueError(f"q, k, v must be (batch, n, heads, head_dim) shards: {q.shape}, {k.shape}, {v.shape}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError("q_heads must be a multiple of kv_heads")
-    n = _shard_len(q, group)
-    left, right = window_bounds(window, causal, n * dist.get_world_size(group))
-    ring = global_tokens > 0 or window is None
-    out, lse = _SequenceParallelAttention.apply(q, k, v, left, right, global_tokens, scale, group, ring)
+    """Sliding-window (``window`` int or (left, right), -1 unbounded) or full
+    (``window=None``) attention of this rank's shard; differentiable. Returns out
+    (batch, n, q_heads, head_dim) in q's dtype, and lse (batch, q_heads, n)
+    float32/64 natural log if asked.
+
+    Every rank of ``group`` must call it with the same window, causal,
+    global_tokens, scale, head counts, head_dim, dtype, batch and shard length
+    (and all or none tracking gradients): that is checked first (one small
+    all-gather), and a difference, or a rank whose own arguments are invalid,
+    raises on every rank (ValueError; the invalid rank raises its own
+    TypeError/ValueError, as the single-device API would).
+
+    ``timeout`` (a timedelta or seconds; None: the process group's, from
+    ``init_process_group(timeout=...)``) bounds each wait of this call and of
+    its backward: a peer that died or never calls makes this rank raise
+    (TimeoutError, or the backend's RuntimeError, e.g. when the peer's
+    connection closed) instead of hanging. A timeout cannot cancel what was
+    posted, so the group is unusable afterwards. On gloo (torch 2.13) both
+    kinds of wait honour it: a timed-out transfer closes the group's
+    connections (later calls on it fail at once: "Application timeout caused
+    pair closure"); a timed-out all-gather stays pending, and
+    ``destroy_process_group`` waits for it until the peer leaves or the group's
+    own timeout. On NCCL an explicit timeout makes each wait block the CPU until
+    its transfer is done (None keeps the waits asynchronous on the stream).
+    The argument check costs one all-gather and one device-to-host copy a call
+    (as the shard-length check before it did).
+    """
+    world = dist.get_world_size(group)
+    local_error, wait_timeout, pair = None, None, None
+    try:
+        wait_timeout = _check_timeout(timeout)
+        pair = _check_args(q, k, v, window, causal, global_tokens, scale, group)
+        desc = _describe(q, k, v, pair, causal, global_tokens, scale)
+    except Exception as e:  # still join the all-gather, so that the other ranks raise too
+        local_error = e
+        desc = [_MAGIC if f == "magic" else int(f == "failed") for f in _FIELDS]
+    _agree(desc, _group_device(group, q), group, wait_timeout, local_error)
+    n = q.shape[1]
+    left, right = window_bounds(window, causal, n * world)
+    ring = uses_ring(pair, global_tokens)
+    out, lse = _SequenceParallelAttention.apply(q, k, v, left, right, global_tokens, scale, group, ring, wait_timeout)
     return (out, lse) if return_lse else out

@@ -94,6 +94,7 @@ def _bwd_impl(
             true_seq_len,
             dilation,
             kv_heads_per_class,
+            true_q_len=true_seq_len,  # queries that exist (a dilation pads each class)
             n_global=n_global,
             tables=None if win is None else (win, kt_bwd),
             kv_grads_dtype=q.dtype,  # written once each: no float32 copy to cast

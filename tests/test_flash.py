@@ -47,7 +47,7 @@ IDS = ["sym", "sq<sk causal", "sq>sk causal", "full sinks", "softcap", "cap+sink
 
 def sink_logits(hq, seed, device="cpu", dtype=torch.float64):
     """Large and negative sinks: +8 swamps a row, -8 barely shows."""
-    return (torch.tensor([8.0, -8.0, 1.5, -0.5, 3.0, 0.0])[:hq]).to(device=device, dtype=dtype)
+    return torch.tensor([8.0, -8.0, 1.5, -0.5, 3.0, 0.0]).repeat(hq)[:hq].to(device=device, dtype=dtype)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -229,7 +229,7 @@ GPU_CASES = [
     (1, 4, 1, 513, 700, (-1, -1), False, 0.0, True),
     (2, 4, 2, 400, 400, (100, 0), True, 20.0, False),
     (1, 8, 2, 333, 500, (33, 5), False, 10.0, True),
-    (1, 2, 2, 1, 65, (0, 0), False, 0.0, True),
+    (1, 2, 2, 1, 65, (16, 0), False, 0.0, True),
 ]
 GPU_IDS = ["sym", "sq<sk", "sq>sk", "full sinks", "softcap", "cap sinks", "one query"]
 
