@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))  # the card's bench.py (peaks, environment) and re
 import reference as ref  # noqa: E402
 import swattn  # noqa: E402
 from bench import card_peaks, environment  # noqa: E402
+
 CONFIG = json.loads((ROOT / "configs" / "bench_op.json").read_text())
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -37,7 +37,9 @@ class Block(torch.nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int, window: int, impl: str):
         super().__init__()
         self.norm1, self.norm2 = torch.nn.RMSNorm(dim), torch.nn.RMSNorm(dim)
-        self.attn = SlidingWindowAttention(dim, heads, kv_heads, window=window, causal=True, impl="sdpa" if impl == "sdpa" else "auto")
+        self.attn = SlidingWindowAttention(
+            dim, heads, kv_heads, window=window, causal=True, impl="sdpa" if impl == "sdpa" else "auto"
+        )
         self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
 
     def forward(self, x):

@@ -149,7 +149,9 @@ def _check_flash_args(q, softmax_scale, causal, window_size, softcap, sinks):
         raise ValueError(f"head_dim must be a multiple of 8 up to {MAX_HEAD_DIM} on CUDA, got {d}")
     if sinks is not None:
         if not isinstance(sinks, torch.Tensor) or sinks.shape != (hq,):
-            raise ValueError(f"sinks must be a tensor of shape (q_heads,) = ({hq},), got {getattr(sinks, 'shape', sinks)}")
+            raise ValueError(
+                f"sinks must be a tensor of shape (q_heads,) = ({hq},), got {getattr(sinks, 'shape', sinks)}"
+            )
         if sinks.device != q.device:
             raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
         if sinks.dtype not in (torch.float32, q.dtype, torch.float64):
@@ -228,20 +230,24 @@ def flash_attn_varlen_func(
             raise ValueError(f"{name} must be a (total, heads, head_dim) tensor, got {getattr(x, 'shape', x)}")
     check_qkv(q[None], k[None], v[None], same_length=False, any_head_dim=True)
     scale = _check_flash_args(q, softmax_scale, causal, window_size, softcap, sinks)
-    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
             raise ValueError(f"{name} must be a 1-D int32 tensor of batch + 1 offsets, got {getattr(cu, 'dtype', cu)}")
         if cu.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k disagree on the batch: {cu_seqlens_q.numel()} vs "
-                         f"{cu_seqlens_k.numel()} offsets")
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k disagree on the batch: {cu_seqlens_q.numel()} vs "
+            f"{cu_seqlens_k.numel()} offsets"
+        )
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"{name} must be an int >= 0, got {m!r}")
     if not q.is_cuda:  # the offsets are on the host already: check them all (the GPU path cannot without a sync)
-        for name, cu, total, m in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
-                                   ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        for name, cu, total, m in (
+            ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
+        ):
             lens = cu[1:] - cu[:-1]
             if int(cu[0]) != 0 or bool((lens < 0).any()) or int(cu[-1]) > total:
                 raise ValueError(f"{name} must start at 0, not decrease and end at most at {total}: {cu.tolist()}")

@@ -55,7 +55,9 @@ def _pv(p: torch.Tensor, vt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.expand(p.shape)
     for r0 in range(0, p.shape[-2], 64):
         rows = slice(r0, r0 + 64)
-        pair = torch.where(mask[..., rows, :, None] & bad[..., None, :, :], p[..., rows, :, None] * vt[..., None, :, :], 0)
+        pair = torch.where(
+            mask[..., rows, :, None] & bad[..., None, :, :], p[..., rows, :, None] * vt[..., None, :, :], 0
+        )
         out[..., rows, :] += pair.sum(-2)
     return out
 
@@ -180,8 +182,9 @@ def flash_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, si
         mask = window.block_mask(sk - sq, sq, 0, sk, left, right, device=q.device)
         dl = None if dlse is None else dlse[None, :, rq]
         delta = output_delta(dout[None, rq], out[None, rq], dl)
-        g = masked_backward(dout[None, rq], q[None, rq], k[None, rk], v[None, rk], lse[None, :, rq], delta, mask,
-                            scale, softcap, sinks)
+        g = masked_backward(
+            dout[None, rq], q[None, rq], k[None, rk], v[None, rk], lse[None, :, rq], delta, mask, scale, softcap, sinks
+        )
         dq[rq], dk[rk], dv[rk] = g[0][0], g[1][0], g[2][0]
         if sinks is not None:
             dsinks += g[3]

@@ -219,8 +219,9 @@ def backward(
     return dq, dk, dv
 
 
-def adaptive_tables(win, dilation: int, q_heads: int, kv_heads: int, seq_len: int, global_tokens: int, head_dim: int,
-                    arch: str):
+def adaptive_tables(
+    win, dilation: int, q_heads: int, kv_heads: int, seq_len: int, global_tokens: int, head_dim: int, arch: str
+):
     """(win, kt_fwd, kt_bwd) for per-row windows ``win`` already in the head-class
     layout (classes, seq / d, 2): the windows, the forward's key tiles per (head,
     query tile) and the backward's query tiles per (kv head, key tile), merged
@@ -291,8 +292,24 @@ def flash_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softc
     return (out[0], lse[0]) if varlen else (out, lse)
 
 
-def flash_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale,
-                   max_seqlen_q, max_seqlen_k):
+def flash_backward(
+    dout,
+    dlse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    sinks,
+    left,
+    right,
+    softcap,
+    scale,
+    max_seqlen_q,
+    max_seqlen_k,
+):
     """The backward kernel in its FlashAttention-style variants: (dq, dk, dv in the
     inputs' dtype, dsinks float32 or None); lse as ``flash_forward`` returned it.
     dsink_h = -sum over rows of exp(sink_h - lse) * delta, delta = rowsum(dO * O) - dlse."""
@@ -309,7 +326,9 @@ def flash_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, si
     dq = torch.zeros(qv.shape, device=device, dtype=torch.float32)
     dk, dv = torch.empty_like(kv), torch.empty_like(vv)
     win, kt, cu, _ = placeholders(device)
-    kernel = compiled_backward(dp, DTYPES[q.dtype], cuda_arch(device), None, False, DTYPES[q.dtype], varlen, softcap > 0)
+    kernel = compiled_backward(
+        dp, DTYPES[q.dtype], cuda_arch(device), None, False, DTYPES[q.dtype], varlen, softcap > 0
+    )
     sk = kv.shape[1]
     kernel(
         qv, kv, vv, dov.contiguous(), lsev.float().contiguous(), delta.contiguous(), dq, dk, dv, win, kt,

@@ -101,7 +101,9 @@ def _bwd_impl(
         )
         return dq.to(q.dtype), dk, dv
     s = q.shape[1]
-    mask = eager.class_masks(s, q.shape[2], left, right, win, n_global, true_seq_len, dilation, heads_per_class, q.device)
+    mask = eager.class_masks(
+        s, q.shape[2], left, right, win, n_global, true_seq_len, dilation, heads_per_class, q.device
+    )
     delta = eager.output_delta(dout, out, delta_shift)
     dq, dk, dv = eager.masked_backward(dout, q, k, v, lse, delta, mask)
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
@@ -239,8 +241,22 @@ def _flash_bwd_impl(
     """(dq, dk, dv, dsinks): the input dtypes, dsinks float32 (zeros (0,) without sinks)."""
     if launch.on_gpu(q):
         dq, dk, dv, dsinks = launch.flash_backward(
-            dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale,
-            max_seqlen_q, max_seqlen_k,
+            dout,
+            dlse,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            sinks,
+            left,
+            right,
+            softcap,
+            scale,
+            max_seqlen_q,
+            max_seqlen_k,
         )
     else:
         dq, dk, dv, dsinks = eager.flash_backward(

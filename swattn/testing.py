@@ -99,7 +99,9 @@ def attention_ref(
         seen = mask.expand(p.shape)
         out = torch.cat(
             [
-                torch.where(seen[..., r : r + 16, :, None], p[..., r : r + 16, :, None] * vt[..., None, :, :], 0).sum(-2)
+                torch.where(seen[..., r : r + 16, :, None], p[..., r : r + 16, :, None] * vt[..., None, :, :], 0).sum(
+                    -2
+                )
                 for r in range(0, p.shape[-2], 16)
             ],
             -2,

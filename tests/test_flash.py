@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_launchers import StandIn
 
 import reference as ref
 import swattn
 from swattn import launch, testing
 from swattn.kernels import backward as bwd_kernels
 from swattn.kernels import forward as fwd_kernels
-from test_launchers import StandIn
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -178,7 +178,9 @@ def flash_stand_ins(monkeypatch):
 
 
 @pytest.mark.parametrize("head_dim", [64, 72, 256])
-@pytest.mark.parametrize("varlen,cap,sinks", [(False, 0.0, False), (True, 0.0, True), (False, 5.0, True), (True, 5.0, False)])
+@pytest.mark.parametrize(
+    "varlen,cap,sinks", [(False, 0.0, False), (True, 0.0, True), (False, 5.0, True), (True, 5.0, False)]
+)
 def test_flash_launches(flash_stand_ins, head_dim, varlen, cap, sinks):
     hq, hk = 4, 2
     s = torch.zeros(hq, requires_grad=True) if sinks else None
@@ -296,8 +298,9 @@ def test_varlen_kernels_match_the_oracle(head_dim, dtype, cap, has_sinks):
 
     def grads_of(fn, xs):
         s = xs[3] if has_sinks else None
-        out, lse = fn(*xs[:3], cq, ck, max(lq), max(lk), window_size=(64, -1), causal=True, softcap=cap, sinks=s,
-                      return_lse=True)
+        out, lse = fn(
+            *xs[:3], cq, ck, max(lq), max(lk), window_size=(64, -1), causal=True, softcap=cap, sinks=s, return_lse=True
+        )
         fin = torch.isfinite(lse)
         loss = (out.double() * g_out).sum() + torch.where(fin, lse, 0).double().sum()
         return [out, lse, *torch.autograd.grad(loss, xs)]
@@ -318,7 +321,9 @@ def test_varlen_is_one_launch_for_lengths_1_to_100k():
     c = cu(lengths, "cuda")
     out = torch.full_like(q, float("nan"))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out = swattn.flash_attn_varlen_func(q, k, v, c, c, max(lengths), max(lengths), causal=True, window_size=(511, 0))
+        out = swattn.flash_attn_varlen_func(
+            q, k, v, c, c, max(lengths), max(lengths), causal=True, window_size=(511, 0)
+        )
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert sum("forward" in n for n in kernels) == 1, kernels

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import swattn
-from swattn import launch, online, ops
-from swattn import window as wspec
+from swattn import launch, online
 from swattn.kernels import backward as bwd_kernels
 from swattn.kernels import forward as fwd_kernels
 
@@ -56,7 +55,9 @@ def stand_ins(monkeypatch):
 
     def bwd(head_dim, dtype, arch, tile=None, adaptive=False, kv_grads="float32"):
         tile = tile or launch.tile_config(head_dim, arch, "backward")
-        made.append(StandIn(bwd_kernels.make_backward(head_dim, dtype, arch, tile, adaptive, kv_grads), outputs=(6, 7, 8)))
+        made.append(
+            StandIn(bwd_kernels.make_backward(head_dim, dtype, arch, tile, adaptive, kv_grads), outputs=(6, 7, 8))
+        )
         return made[-1]
 
     def pre(head_dim, dtype, arch):

@@ -76,7 +76,7 @@ def main() -> None:
         do = torch.randn_like(q)
         out, lse = swattn.sliding_window_attention(q, k, v, (left, right), return_lse=True)
         delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-        win, kt = launch.placeholders(q.device)
+        win, kt, cu, _ = launch.placeholders(q.device)
         grads = [torch.empty(x.shape, device="cuda", dtype=torch.float32) for x in (q, k, v)]
         base = None
         for tile in VARIANTS:
@@ -86,7 +86,7 @@ def main() -> None:
                 print(tile, "failed:", repr(e)[:200])
                 continue
 
-            kargs = (q, k, v, do, lse, delta, *grads, win, kt, left, right, 0, hk, s, s, 1)
+            kargs = (q, k, v, do, lse, delta, *grads, win, kt, cu, cu, left, right, 0, hk, s, s, 1, 0, d**-0.5, 0.0)
             call = functools.partial(_launch, kern, kargs)
 
             # dQ is zeroed by the call itself (it accumulates): poison dK and dV

@@ -47,38 +47,6 @@ def time_us(call, warmup: int = 50) -> float:
     return do_bench(call, warmup=warmup, rep=200, return_mode="median") * 1e3
 
 
-def host_us(fn, n: int = 300, warmup: int = 20) -> float:
-    """Mean host time of one call of ``fn``, ``n`` calls back to back with no
-    synchronisation inside (the GPU runs behind; it waits only once the launch
-    queue fills)."""
-    import time
-
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return host
-
-
-def print_profile(fn, n: int = 200, top: int = 20) -> None:
-    """cProfile of ``n`` calls of ``fn``: the ``top`` functions by time of their own."""
-    import cProfile
-    import pstats
-
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(n):
-        fn()
-    prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
-
-
 def check_and_time(call, poisoned: list, outputs: list, base: list | None, warmup: int = 50):
     """One variant of a sweep: fill ``poisoned`` with NaN (unwritten elements then
     fail the comparison), run ``call``, compare ``outputs`` with ``base`` (the first
@@ -93,35 +61,3 @@ def check_and_time(call, poisoned: list, outputs: list, base: list | None, warmu
     base = got if base is None else base
     err = max(ref.rel_err(x, y) for x, y in zip(got, base, strict=True))
     return time_us(call, warmup), err, base
-
-
-def compare_experiment(sh: dict, kern, label: str) -> None:
-    """An experimental forward ``kern(q, k, v, out, lse, left, right)`` (window
-    mode, float16) against the shipped kernel on shape ``sh``, both called raw
-    (no launcher): outputs poisoned first, the error of out and lse against the
-    float64 oracle (swattn.testing.attention_ref) when the shape is small enough,
-    else against the shipped kernel (which the tests hold to the oracle); then
-    both timed. Prints one table row each."""
-    import functools
-
-    import torch
-
-    from swattn import launch, testing
-
-    b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
-    left, right = sh["left"], sh["right"]
-    q, k, v = random_qkv(sh, torch.float16)
-    base = None  # the shipped kernel's outputs become the base, unless the oracle fits
-    if b * hq * s * s <= 2**27:  # the dense float64 oracle fits
-        base = list(testing.attention_ref(q, k, v, testing.local_mask(s, left, right, device=q.device), return_lse=True))
-    shipped = launch.compiled_forward(d, "float16", "sm_90a", None, "window")
-    win, kt = launch.placeholders(q.device)
-    for name, call, scalars in [
-        ("shipped", shipped, (win, kt, left, right, 0, hq, hk, s, 1)),
-        (label, kern, (left, right)),
-    ]:
-        out = torch.empty_like(q)
-        lse = torch.empty(b, hq, s, device="cuda")
-        run = functools.partial(call, q, k, v, out, lse, *scalars)
-        us, err, base = check_and_time(run, [out, lse], [out, lse], base)
-        print(f"| {shape_label(sh)} | {name} | {us:.1f} | {err:.1e} |", flush=True)

@@ -107,8 +107,9 @@ def main() -> None:
                 print(tile, mode, schedule, "failed:", repr(e)[:200])
                 continue
 
-            win, kt = launch.placeholders(q.device)
-            call = functools.partial(kern, q, k, v, out, lse, win, kt, sh["left"], sh["right"], 0, hq, hk, s, 1)
+            win, kt, cu, sink = launch.placeholders(q.device)
+            scalars = (sh["left"], sh["right"], 0, hq, hk, s, 1, 0, launch.LOG2E / d**0.5, 0.0, 0.0)
+            call = functools.partial(kern, q, k, v, out, lse, win, kt, cu, cu, sink, *scalars)
 
             us, err, base = check_and_time(call, [out], [out], base)
             tile = tile or launch.tile_config(d, "sm_90a")

@@ -194,7 +194,9 @@ def make_backward(
             if adaptive:
                 sched = KT[kvh, bx, 0], KT[kvh, bx, 1], KT[kvh, bx, 2]
             else:
-                sched = key_tile_schedule(bx, q_valid, right, left, n_global, block_n, block_m, T.max, T.min, tir.Select)
+                sched = key_tile_schedule(
+                    bx, q_valid, right, left, n_global, block_n, block_m, T.max, T.min, tir.Select
+                )
             # Held in registers: inlined, these selects would grow every index below.
             n_g = T.alloc_var("int32", init=sched[0])
             lo = T.alloc_var("int32", init=sched[1])
@@ -223,9 +225,7 @@ def make_backward(
                         row_left, row_right = WIN[qh, row, 0], WIN[qh, row, 1]
                     else:
                         row_left, row_right = left, right
-                    first, count, glob = row_keys(
-                        qi, k_valid, row_left, row_right, n_global, q_valid, T.max, T.min
-                    )
+                    first, count, glob = row_keys(qi, k_valid, row_left, row_right, n_global, q_valid, T.max, T.min)
                     first_s[i] = first
                     count_s[i] = count
                     glob_s[i] = glob
@@ -235,9 +235,7 @@ def make_backward(
                 # mask, whose compares and selects cost as much as the exponentials.
                 full = not adaptive and tir.all(
                     qt * block_m + block_m <= q_valid,
-                    tile_fully_visible(
-                        qt * block_m, bx * block_n, block_m, block_n, k_valid, left, right, n_global
-                    ),
+                    tile_fully_visible(qt * block_m, bx * block_n, block_m, block_n, k_valid, left, right, n_global),
                 )
                 if softcap:
                     # P from the capped score cap * tanh(s * scale / cap); keep the cap's

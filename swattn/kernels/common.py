@@ -123,4 +123,3 @@ def tile_of(it, n_global_tiles, lo):
     if isinstance(n_global_tiles, int) and n_global_tiles == 0:
         return lo + it
     return T.if_then_else(it < n_global_tiles, it, lo + it - n_global_tiles)
-

@@ -53,6 +53,9 @@ import tvm.tirx as tir  # tvm ships inside tilelang; importable once tilelang is
 from .common import LN2, LOG2E, consumer_regs, row_keys, row_sees, softmax_step
 
 LAYOUTS = ("contiguous", "paged", "ring")
+# The producer warpgroup computes each tile's address (the paged one from the block
+# table, in 64-bit): 24 registers, the forward's, spill a few bytes there.
+PRODUCER_REGS = 40
 
 
 @functools.cache
@@ -120,10 +123,10 @@ def make_decode(
         # than the floor division '//' lowers to for a run-time divisor.
         div, mod = tir.truncdiv, tir.truncmod
         with T.Kernel(m_tiles * num_splits, kv_heads, batch, threads=threads) as (bx, kvh, b):
-            if consumer_regs(threads, occupancy) < 240:  # TileLang's default does not fit
+            if consumer_regs(threads, occupancy, 128, PRODUCER_REGS) < 240:  # TileLang's default does not fit
                 T.annotate_min_blocks_per_sm(occupancy)
-                T.annotate_producer_reg_dealloc(24)
-                T.annotate_consumer_reg_alloc(consumer_regs(threads, occupancy))
+                T.annotate_producer_reg_dealloc(PRODUCER_REGS)
+                T.annotate_consumer_reg_alloc(consumer_regs(threads, occupancy, 128, PRODUCER_REGS))
             q_s = T.alloc_shared((block_m, head_dim), dtype)
             k_s = T.alloc_shared((block_n, head_dim), dtype)
             v_s = T.alloc_shared((block_n, head_dim), dtype)

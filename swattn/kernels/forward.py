@@ -261,4 +261,3 @@ def make_forward(
             write_rows(O, LSE, acc, l, m_safe, bi, bx * block_m, qh, n_q, scale_log2, q_base)
 
     return forward
-
