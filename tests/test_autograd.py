@@ -17,6 +17,7 @@ import torch
 import reference as ref
 import swattn
 from swattn import launch, ops, testing
+from swattn.kernels import common
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
