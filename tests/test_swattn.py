@@ -103,7 +103,7 @@ def test_key_tile_schedule_matches_brute_force(block_m, block_n):
         mask = testing.local_mask(seq_len, left, right, global_tokens=g)
         for qt in range(-(-seq_len // block_m)):
             needed = {j // block_n for j in mask[qt * block_m : (qt + 1) * block_m].any(0).nonzero().flatten().tolist()}
-            n_g, lo, hi = wspec.key_tile_schedule(qt, seq_len, left, right, g, block_m, block_n)
+            n_g, lo, hi = wspec.key_tile_schedule(qt, seq_len, left, right, g, block_m, block_n, max, min, None)
             visited = list(range(n_g)) + list(range(lo, hi))
             assert len(visited) == len(set(visited)), "a tile visited twice"
             assert set(visited) == needed, (seq_len, left, right, g, qt)
@@ -245,24 +245,32 @@ def test_normalize_window():
     assert wspec.normalize_window(5, False, 100) == (5, 5)
     assert wspec.normalize_window((7, 2), False, 100) == (7, 2)
     assert wspec.normalize_window(5, True, 100) == (5, 0)
-    assert wspec.normalize_window(10**9, False, 100) == (99, 99)
-    for bad in (-1, (1, -2), 2.0, True, "3", (1, 2, 3)):
+    # Beyond seq_q + seq_k a side changes nothing: clamped there (the kernels' int32 sums stay small).
+    assert wspec.normalize_window(10**9, False, 100) == (200, 200)
+    assert wspec.normalize_window((-1, 3), False, 100) == (200, 3)  # -1: unbounded
+    assert wspec.normalize_window(None, True, 100, 30) == (130, 0)
+    for bad in (-1, (1, -2), 2.0, True, "3", (1, 2, 3), (1.0, 2)):
         with pytest.raises((TypeError, ValueError)):
             wspec.normalize_window(bad, False, 100)
 
 
 BAD = {
     "3-D": (lambda q, k, v: (q[0], k[0], v[0]), {}, ValueError, "batch, seq, heads"),
-    "float32": (lambda q, k, v: (q.float(), k.float(), v.float()), {}, TypeError, "float16"),
-    "heads": (lambda q, k, v: (q[:, :, :3], k, v), {}, ValueError, "q_heads % kv_heads"),
-    "head_dim": (lambda q, k, v: (q[..., :32], k[..., :32], v[..., :32]), {}, ValueError, "head_dim"),
+    "int32": (lambda q, k, v: (q.int(), k.int(), v.int()), {}, TypeError, "float32, float64"),
+    "mixed dtypes": (lambda q, k, v: (q, k.float(), v), {}, TypeError, "one dtype"),
+    "mixed devices": (lambda q, k, v: (q, k.to("meta"), v), {}, ValueError, "one device"),
+    "heads": (lambda q, k, v: (q[:, :, :3], k, v), {}, ValueError, "multiple of kv_heads"),
     "seq mismatch": (lambda q, k, v: (q, k[:, :5], v[:, :5]), {}, ValueError, "shapes"),
+    "not a tensor": (lambda q, k, v: (q.tolist(), k, v), {}, TypeError, "torch.Tensor"),
+    "negative window": (lambda q, k, v: (q, k, v), {"window": -3}, ValueError, ">= 0"),
+    "float window": (lambda q, k, v: (q, k, v), {"window": 2.5}, TypeError, "window"),
+    "bool window": (lambda q, k, v: (q, k, v), {"window": True}, TypeError, "window"),
     "dilation": (lambda q, k, v: (q, k, v), {"dilation": 0}, ValueError, "dilation"),
+    "float dilation": (lambda q, k, v: (q, k, v), {"dilation": 2.0}, ValueError, "dilation"),
     "global": (lambda q, k, v: (q, k, v), {"global_tokens": -1}, ValueError, "global_tokens"),
     "dilated global": (lambda q, k, v: (q, k, v), {"dilation": 2, "global_tokens": 1}, NotImplementedError, "not"),
     "scale": (lambda q, k, v: (q, k, v), {"scale": -1.0}, ValueError, "scale"),
     "layout": (lambda q, k, v: (q, k, v), {"layout": "sbhd"}, ValueError, "layout"),
-    "cpu": (lambda q, k, v: (q, k, v), {}, ValueError, "CUDA"),
 }
 
 
@@ -274,8 +282,9 @@ def test_rejects_bad_input(case):
         rand(2, 16, 2, 64, dtype=torch.float16),
         rand(2, 16, 2, 64, dtype=torch.float16),
     )
+    window = kwargs.pop("window", 3)
     with pytest.raises(error, match=words):
-        swattn.sliding_window_attention(*make(q, k, v), 3, **kwargs)
+        swattn.sliding_window_attention(*make(q, k, v), window, **kwargs)
 
 
 # --- CPU: every configuration compiles -------------------------------------------------
