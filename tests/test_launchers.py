@@ -93,7 +93,8 @@ def test_op_forward_and_backward_launches(stand_ins, kwargs):
     (out.float().sum() + lse.sum()).backward()
     kinds = [type(s.prim_func).__name__ for s in stand_ins]
     assert len(stand_ins) == 3 and all(s.calls == 1 for s in stand_ins), kinds  # forward, preprocess, backward
-    assert q.grad.shape == q.shape and k.grad.shape == k.shape
+    # The stand-ins write zeros: the gradients are exactly the kernel's buffers, nothing else added.
+    assert all(torch.equal(x.grad, torch.zeros_like(x)) for x in (q, k, v))
 
 
 def test_block_launches(stand_ins):
