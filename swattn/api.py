@@ -243,7 +243,7 @@ def flash_attn_varlen_func(
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"{name} must be an int >= 0, got {m!r}")
-    if not q.is_cuda:  # the offsets are on the host already: check them all (the GPU path cannot without a sync)
+    if not q.is_cuda and not torch.compiler.is_compiling():  # host offsets: check them all (no sync needed)
         for name, cu, total, m in (
             ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
             ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),

@@ -145,6 +145,26 @@ def test_bad_arguments_raise_clearly(call, match):
         call(q, k, v)
 
 
+def test_torch_compile_sees_one_opaque_op_with_sinks_and_varlen():
+    """fullgraph=True fails on any graph break; aot_eager traces the custom ops'
+    forward and backward (sinks' gradient included)."""
+    q = rand(30, 4, 16, seed=1, dtype=torch.float32).requires_grad_()
+    k, v = (rand(30, 2, 16, seed=s, dtype=torch.float32).requires_grad_() for s in (2, 3))
+    sinks = torch.tensor([1.0, -1.0, 0.5, 2.0], requires_grad=True)
+    c = cu([10, 20])
+
+    def loss(q, k, v, sinks):
+        out, lse = swattn.flash_attn_varlen_func(
+            q, k, v, c, c, 20, 20, causal=True, window_size=(5, 0), softcap=3.0, sinks=sinks, return_lse=True
+        )
+        return out.square().sum() + lse.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v, sinks), (q, k, v, sinks))
+    want = torch.autograd.grad(loss(q, k, v, sinks), (q, k, v, sinks))
+    assert all(torch.allclose(a, w, atol=1e-6) for a, w in zip(got, want, strict=True))
+
+
 # --- the launch paths on the CPU, with stand-ins -----------------------------------------
 
 
