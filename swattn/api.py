@@ -26,9 +26,11 @@ from .window import adaptive_windows, check_window, is_adaptive, normalize_windo
 CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_qkv(q, k, v, same_length: bool = True, any_head_dim: bool = False) -> None:
+def check_qkv(q, k, v, same_length: bool = True, any_head_dim: bool = False, kernels_only: bool = True) -> None:
     """Types, ranks, dtypes, devices, shapes and head counts of (batch, seq, heads,
-    head_dim) q, k, v; raises TypeError / ValueError naming what is wrong."""
+    head_dim) q, k, v; raises TypeError / ValueError naming what is wrong.
+    ``kernels_only``: CUDA tensors must suit the kernels (dtype, head_dim); a caller
+    with an eager fallback on CUDA (the distributed blocks) passes False."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -38,9 +40,9 @@ def check_qkv(q, k, v, same_length: bool = True, any_head_dim: bool = False) -> 
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.is_cuda and q.dtype not in launch.DTYPES:
+    if kernels_only and q.is_cuda and q.dtype not in launch.DTYPES:
         raise TypeError(f"on CUDA the kernels take float16 or bfloat16, got {q.dtype}")
-    if not q.is_cuda and q.dtype not in CPU_DTYPES:
+    if (not q.is_cuda or not kernels_only) and q.dtype not in CPU_DTYPES:
         raise TypeError(f"on the CPU q, k, v must be float32, float64, float16 or bfloat16, got {q.dtype}")
     (b, s, hq, d), (bk, sk, hk, dk) = q.shape, k.shape
     if k.shape != v.shape or b != bk or d != dk or (same_length and s != sk):
@@ -49,7 +51,7 @@ def check_qkv(q, k, v, same_length: bool = True, any_head_dim: bool = False) -> 
         raise ValueError(f"need batch >= 1 and seq >= 1, got q {tuple(q.shape)}")
     if hq < 1 or hk < 1 or hq % hk:
         raise ValueError(f"q_heads must be a positive multiple of kv_heads, got {hq} / {hk}")
-    if q.is_cuda and not any_head_dim and d not in launch.HEAD_DIMS:
+    if kernels_only and q.is_cuda and not any_head_dim and d not in launch.HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {launch.HEAD_DIMS} on CUDA, got {d}")
     if d < 1:
         raise ValueError(f"head_dim must be >= 1, got {d}")

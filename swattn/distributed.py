@@ -52,7 +52,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from .api import check_scale
+from .api import check_qkv, check_scale
 from .eager import work_dtype
 from .online import block_attention, block_attention_backward, empty_state, merge_, output_delta, window_bounds
 from .window import UNBOUNDED, block_visible, check_window
@@ -155,26 +155,7 @@ def _check_args(q, k, v, window, causal, global_tokens, scale, group) -> tuple[i
     if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
         raise ValueError(f"global_tokens must be an int >= 0, got {global_tokens!r}")
     check_scale(scale)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
-    if len({q.device, k.device, v.device}) != 1:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.dtype.is_floating_point:
-        raise TypeError(f"q, k, v must be floating point, got {q.dtype}")
-    (b, s, hq, d), (bk, sk, hk, dk) = q.shape, k.shape
-    if k.shape != v.shape or b != bk or d != dk or s != sk:
-        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if min(b, s) < 1:
-        raise ValueError(f"need batch >= 1 and seq >= 1, got q {tuple(q.shape)}")
-    if hq < 1 or hk < 1 or hq % hk:
-        raise ValueError(f"q_heads must be a positive multiple of kv_heads, got {hq} / {hk}")
-    if d < 1:
-        raise ValueError(f"head_dim must be >= 1, got {d}")
+    check_qkv(q, k, v, kernels_only=False)
     if _backend(group) == "nccl" and not q.is_cuda:
         raise ValueError(f"an NCCL group needs CUDA tensors, got q on {q.device}")
     if pair is not None and causal:
