@@ -11,12 +11,17 @@ CUDA runs the TileLang kernels (float16/bfloat16); the CPU an exact eager twin.
 """
 
 from .api import flash_attn_func, flash_attn_varlen_func, sliding_window_attention
-from .modules import SlidingWindowAttention
-from .online import merge_
+from .modules import GroupedQueryAttention, SlidingWindowAttention
+from .online import AttnQKVLayout, AttnQKVPackFormat, OfflineSlidingWindowAttn, OnlineSlidingWindowAttn, merge_
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "AttnQKVLayout",
+    "AttnQKVPackFormat",
+    "GroupedQueryAttention",
+    "OfflineSlidingWindowAttn",
+    "OnlineSlidingWindowAttn",
     "SlidingWindowAttention",
     "__version__",
     "flash_attn_func",

@@ -1,11 +1,14 @@
-"""Online block aggregation (online.py): any order and any split of key blocks
-gives the offline result, on CPU (eager path) and on GPU (the TileLang kernel).
+"""Online block aggregation (online.py's functions: block_attention, merge_, the
+blocked backward): any order and any split of key blocks gives the whole
+sequence's result, on CPU (eager path) and on GPU (the TileLang kernel). The
+course's modules have their own file, test_course_modules.py.
 
 Window: query i sees key j iff -left <= j - i <= right, or either is below
 global_tokens (reference.local_mask)."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -13,7 +16,7 @@ import torch
 from test_swattn import assert_matches_reference
 
 import reference as ref
-from swattn import eager, online, testing
+from swattn import online, testing
 from swattn import window as wspec
 
 HAS_CUDA = torch.cuda.is_available()
@@ -45,6 +48,25 @@ def test_merge_is_exact_and_nan_free():
     assert torch.isfinite(out).all() and (out == 0).all() and torch.isneginf(lse).all()
 
 
+def blocked_forward(q, k, v, left, right, bq, bkv, global_tokens=0, order_seed=None):
+    """(out, lse) of the blocked forward: every (query block, key block) pair of the
+    sequence through ``block_attention``, merged with ``merge_`` into ``empty_state``;
+    the pairs in a shuffled order when ``order_seed`` is given, invisible ones skipped."""
+    seq_len = q.shape[1]
+    pairs = [(i, j) for i in range(-(-seq_len // bq)) for j in range(-(-seq_len // bkv))]
+    if order_seed is not None:
+        random.Random(order_seed).shuffle(pairs)
+    out, lse = online.empty_state(q)
+    for i, j in pairs:
+        qs, ks = slice(i * bq, (i + 1) * bq), slice(j * bkv, (j + 1) * bkv)
+        nq, nk = q[:, qs].shape[1], k[:, ks].shape[1]
+        if not wspec.block_visible(qs.start, nq, ks.start, nk, left, right, global_tokens):
+            continue  # nothing of this key block is visible to these queries: the state stays
+        o, l_ = online.block_attention(q[:, qs], k[:, ks], v[:, ks], qs.start, ks.start, left, right, global_tokens)
+        online.merge_(out[:, qs], lse[:, :, qs], o, l_)
+    return out, lse
+
+
 @pytest.mark.parametrize(
     "seq_len,bq,bkv,window,causal,g,hk",
     [
@@ -57,36 +79,57 @@ def test_merge_is_exact_and_nan_free():
         (30, 30, 30, None, True, 0, 2),  # one block, full causal
     ],
 )
-def test_online_any_order_matches_offline(seq_len, bq, bkv, window, causal, g, hk):
+def test_blocks_any_order_match_the_whole_sequence(seq_len, bq, bkv, window, causal, g, hk):
+    """The functions' blocks merged in any order equal one block over the whole sequence
+    (the repository's window at global positions), and the oracle."""
     hq = 4
     q, k, v = rand(2, seq_len, hq, 16, seed=4), rand(2, seq_len, hk, 16, seed=5), rand(2, seq_len, hk, 16, seed=6)
-    offline = online.OfflineSlidingWindowAttn(window, causal, g)
-    want, want_lse = offline(q, k, v)
     left, right = online.window_bounds(window, causal, seq_len)
+    whole, whole_lse = online.block_attention(q, k, v, 0, 0, left, right, g)
     mask = testing.local_mask(seq_len, left, right, global_tokens=g)
     oracle, oracle_lse = testing.attention_ref(q, k, v, mask, return_lse=True)
-    assert ref.rel_err(want, oracle) < 1e-12 and torch.allclose(want_lse, oracle_lse)
+    assert ref.rel_err(whole, oracle) < 1e-12 and torch.allclose(whole_lse, oracle_lse)
 
-    layer = online.OnlineSlidingWindowAttn(seq_len, bq, bkv, window, causal, g)
-    pairs = [(i, j) for i in range(-(-seq_len // bq)) for j in range(-(-seq_len // bkv))]
-    random.Random(seq_len + bq).shuffle(pairs)
-    out, lse = layer.empty_state(q)
-    for i, j in pairs:
-        qs, ks = slice(i * bq, (i + 1) * bq), slice(j * bkv, (j + 1) * bkv)
-        layer(q[:, qs], k[:, ks], v[:, ks], i, j, out, lse)
+    out, lse = blocked_forward(q, k, v, left, right, bq, bkv, g, order_seed=seq_len + bq)
     assert torch.isfinite(out).all()
     assert ref.rel_err(out, oracle) < 1e-12
     assert torch.allclose(lse, oracle_lse)
 
 
-def test_online_rejects_blocks_outside_the_sequence():
-    layer = online.OnlineSlidingWindowAttn(20, 8, 8, 3)
-    q = rand(1, 8, 2, 4)
-    out, lse = layer.empty_state(rand(1, 20, 2, 4))
-    with pytest.raises(ValueError, match="outside"):
-        layer(q, q, q, 3, 0, out, lse)
-    with pytest.raises(ValueError, match="block sizes"):
-        layer(q[:, :5], q, q, 0, 0, out, lse)
+def test_course_online_module_matches_the_functions():
+    """The course's OnlineSlidingWindowAttn (window w, equal lengths: |i - j| <= w)
+    gives what the functions give for the window (w, w)."""
+    seq_len, bq, bkv, w = 37, 8, 5, 4
+    q, k, v = rand(2, seq_len, 4, 16, seed=4), rand(2, seq_len, 2, 16, seed=5), rand(2, seq_len, 2, 16, seed=6)
+    want, want_lse = blocked_forward(q, k, v, w, w, bq, bkv)
+    layer = online.OnlineSlidingWindowAttn(seq_len, seq_len, bq, bkv, 16, 4, 2, window_size=w)
+    out, lse = layer.empty_state(q)
+    for i in reversed(range(-(-seq_len // bq))):
+        for j in range(-(-seq_len // bkv)):
+            qs, ks = slice(i * bq, (i + 1) * bq), slice(j * bkv, (j + 1) * bkv)
+            layer(q[:, qs], k[:, ks], v[:, ks], out, lse, i, j)
+    assert ref.rel_err(out, want) < 1e-12 and torch.allclose(lse, want_lse)
+
+
+def test_merge_keeps_rows_that_saw_nothing_and_merges_finite_states():
+    """Both -inf: the row stays (out and lse); a finite state (even lse > 0) merges exactly."""
+    out = rand(1, 3, 2, 4, seed=1)
+    lse = torch.tensor([[[-math.inf, 2.5, 40.0], [-math.inf, -3.0, 0.0]]], dtype=torch.float64)
+    block_out = rand(1, 3, 2, 4, seed=2)
+    block_lse = torch.tensor([[[-math.inf, 1.0, -math.inf], [4.0, 39.0, 0.0]]], dtype=torch.float64)
+    o0, l0 = out.clone(), lse.clone()
+    online.merge_(out, lse, block_out, block_lse)
+    assert torch.equal(out[0, 0, 0], o0[0, 0, 0]) and torch.isneginf(lse[0, 0, 0])
+    for h, r in [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]:
+        a, b = l0[0, h, r].item(), block_lse[0, h, r].item()
+        m = max(a, b)
+        new = m + math.log(math.exp(a - m) + math.exp(b - m))
+        want = math.exp(a - new) * o0[0, r, h] + math.exp(b - new) * block_out[0, r, h]
+        assert abs(lse[0, h, r].item() - new) < 1e-12 and (out[0, r, h] - want).abs().max() < 1e-12
+    # a bfloat16 state is merged in float32 and rounded once
+    low, low_lse = o0.bfloat16(), l0.float()
+    online.merge_(low, low_lse, block_out, block_lse)
+    assert ref.rel_err(low, out) < 4e-3
 
 
 @gpu
@@ -100,31 +143,16 @@ def test_online_kernel_blocks_match_reference(bq, bkv, window, causal, dtype):
     seq_len, hq, hk, d = 1000, 4, 2, 64
     q = rand(1, seq_len, hq, d, dtype=dtype, device="cuda", seed=7)
     k, v = (rand(1, seq_len, hk, d, dtype=dtype, device="cuda", seed=s) for s in (8, 9))
-    layer = online.OnlineSlidingWindowAttn(seq_len, bq, bkv, window, causal)
-    out, lse = layer.empty_state(q)
-    for i in range(-(-seq_len // bq)):
-        for j in reversed(range(-(-seq_len // bkv))):
-            layer(
-                q[:, i * bq : (i + 1) * bq],
-                k[:, j * bkv : (j + 1) * bkv],
-                v[:, j * bkv : (j + 1) * bkv],
-                i,
-                j,
-                out,
-                lse,
-            )
     left, right = online.window_bounds(window, causal, seq_len)
+    out, lse = blocked_forward(q, k, v, left, right, bq, bkv, order_seed=1)
     assert_matches_reference(out, lse, q, k, v, testing.local_mask(seq_len, left, right, device="cuda"))
 
 
 def blocked_gradients(q, k, v, g_out, left, right, bq, bkv, global_tokens=0):
     """dq, dk, dv of <out, g_out> from the blocked forward and backward (online.py)."""
     seq_len = q.shape[1]
-    layer = online.OnlineSlidingWindowAttn(seq_len, bq, bkv, (left, right), False, global_tokens)
-    out, lse = layer.empty_state(q)
+    out, lse = blocked_forward(q, k, v, left, right, bq, bkv, global_tokens)
     blocks = [(i, j) for i in range(-(-seq_len // bq)) for j in range(-(-seq_len // bkv))]
-    for i, j in blocks:
-        layer(q[:, i * bq : (i + 1) * bq], k[:, j * bkv : (j + 1) * bkv], v[:, j * bkv : (j + 1) * bkv], i, j, out, lse)
     delta = online.output_delta(g_out, out)
     dq, dk, dv = (torch.zeros(x.shape, dtype=out.dtype, device=x.device) for x in (q, k, v))
     for i, j in blocks:
