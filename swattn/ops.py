@@ -144,7 +144,7 @@ class _EagerAttention(torch.autograd.Function):
 
     torch.library's custom-op path (schema checks, redispatch, its autograd
     wrapper) cost ~0.6 ms of host time per forward + backward on the H100's host
-    (scripts/probe_bwd_host.py), more than the GPU's work on small shapes. Under
+    (measured by a host-time probe, analysis.md), more than the GPU's work on small shapes. Under
     torch.compile the custom ops stay (``attention`` picks)."""
 
     @staticmethod

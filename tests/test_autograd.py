@@ -136,7 +136,7 @@ def test_torch_compile_sees_one_opaque_op():
 )
 def test_backward_compiles_sm90a(head_dim, dtype, adaptive, kv_grads):
     source = launch.compiled_backward(head_dim, dtype, "sm_90a", None, adaptive, kv_grads).get_kernel_source()
-    # dQ leaves each tile by the path its tile config names (configs/op_tiles.json).
+    # dQ leaves each tile by the path its tile config names (swattn/tiles.json).
     _, _, threads, _, occupancy, dq_tma = launch.tile_config(head_dim, "sm_90a", "backward")
     assert ("tma_store_add" if dq_tma else "AtomicAdd") in source
     # The loop's producer has as many threads as the consumers; without the register

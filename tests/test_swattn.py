@@ -1,4 +1,4 @@
-"""The general op (swattn.py): CPU checks of its pieces and masks; GPU checks of the kernel.
+"""The general op (swattn.sliding_window_attention): CPU checks of its pieces and masks; GPU checks of the kernel.
 
 Window: query i sees key j iff j = i + k * dilation with -left <= k <= right,
 or either index is below global_tokens (reference.local_mask).

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from sweep_common import bench_shapes, check_and_time, compile_all, random_qkv, shape_label  # noqa: E402  (tools/ is on sys.path as the script's folder)
 
 # (block_m, block_n, threads, num_stages, CTAs per SM, dQ by TMA reduce-add), or
-# None = backward's shipped tile (configs/op_tiles.json). Session 4 (H200) settled
+# None = backward's shipped tile (swattn/tiles.json). Session 4 (H200) settled
 # the lse/delta staging (now always on) and dQ by TMA (D = 64 only).
 VARIANTS = [
     None,

@@ -86,7 +86,7 @@ def make_backward(
     D = 64: 64x64 tiles, two CTAs per SM (the forward's register split), 1.4-1.6x
     faster than one. D = 128: 64 queries x 128 keys over two consumer warpgroups,
     each owning 64 keys' dK and dV (64 registers each) at one CTA per SM: 1.35-1.39x
-    faster than 64x64 at two (results/gpu_s5/sweep_bwd.log).
+    faster than 64x64 at two (analysis.md, history).
     Each query tile's lse and delta are staged once in shared memory (TileLang
     issues them as cp.async from the producer warps: TMA cannot take them, see
     the module docstring), not read once per score element: 8-18 % faster

@@ -54,7 +54,7 @@ from .common import LN2, LOG2E, consumer_regs, row_keys, row_sees, softmax_step
 
 LAYOUTS = ("contiguous", "paged", "ring")
 # The producer warpgroup computes each tile's address (the paged one from the block
-# table, in 64-bit): 24 registers, the forward's, spill a few bytes there.
+# table, in 64-bit): at 24 registers (the forward's) ptxas spilled 4-40 bytes there.
 PRODUCER_REGS = 40
 
 
@@ -81,9 +81,11 @@ def make_decode(
     the combine's). ``softcap`` / ``sinks``: compile the cap and the sink in.
 
     Run-time scalars: ``group`` (q_heads / kv_heads), ``n_new`` (keys appended by
-    this call: L = CL[b] + n_new), ``left``, ``right`` (>= 0), ``scale_log2`` (scale * log2 e; log2 e under a
-    softcap, whose scores are already scaled), ``cap`` (c) and ``cap_pre``
-    (scale / c).
+    this call: L = CL[b] + n_new), ``left``, ``right`` (>= 0), ``scale_log2``
+    (scale * log2 e; log2 e under a softcap, whose scores are already scaled),
+    ``cap`` (c) and ``cap_pre`` (scale / c). Conventions: the module docstring
+    (bottom-right queries, (left, right) windows, natural-log lse, 0 for a row
+    that sees no key).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -235,11 +237,12 @@ def make_decode(
 
 
 @functools.cache
-def make_combine(head_dim: int, dtype: str, sinks: bool = False, threads: int = 128):
+def make_combine(head_dim: int, dtype: str, sinks: bool = False):
     """Merge split-KV partials by log-sum-exp: out = sum_s 2^(lse_s - lse) out_s with
     lse = log sum_s e^lse_s (+ e^sink), natural-log units in and out. One CTA per
-    (query, q head, batch); a row whose partials are all empty (and no sink) gets
-    out 0 and lse -inf."""
+    (query, q head, batch), a thread per output element (up to 128); a row whose
+    partials are all empty (and no sink) gets out 0 and lse -inf."""
+    threads = min(head_dim, 128)
     accum = "float32"
     neg_inf = -T.infinity(accum)
     batch, q_len, q_heads = T.dynamic("batch"), T.dynamic("q_len"), T.dynamic("q_heads")
