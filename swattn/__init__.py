@@ -11,6 +11,7 @@ CUDA runs the TileLang kernels (float16/bfloat16); the CPU an exact eager twin.
 """
 
 from .api import flash_attn_func, flash_attn_varlen_func, sliding_window_attention
+from .decode import SlidingWindowKVCache, flash_attn_with_kvcache
 from .modules import GroupedQueryAttention, SlidingWindowAttention
 from .online import AttnQKVLayout, AttnQKVPackFormat, OfflineSlidingWindowAttn, OnlineSlidingWindowAttn, merge_
 
@@ -23,8 +24,10 @@ __all__ = [
     "OfflineSlidingWindowAttn",
     "OnlineSlidingWindowAttn",
     "SlidingWindowAttention",
+    "SlidingWindowKVCache",
     "__version__",
     "flash_attn_func",
+    "flash_attn_with_kvcache",
     "flash_attn_varlen_func",
     "merge_",
     "sliding_window_attention",
