@@ -3,7 +3,8 @@
 # Expects tilelang on PYTHONPATH or installed. Stages:
 #   tests   every GPU test but the course kit's (xdist), memcheck of test.py
 #   course  the course kit on the GPU (the grader compiles many kernels: minutes)
-#   bench   make run, make bench, bench_op.py forward and forward+backward
+#   bench   make run, make bench, bench_op.py forward and forward+backward, the feature rows, decode
+#   ab      the before/after timing of one shape against an older tree in .device/old (tools/bench_ab.py)
 #   train   examples/train.py (kernel vs SDPA + mask, same seed)
 #   sweeps  backward tiles (sweep_bwd.py) and D=128 forward tiles at two CTAs/SM (sweep_op.py)
 #   sp      (two or more GPUs) the NCCL tests
@@ -31,6 +32,11 @@ bench)
   python3 bench.py --out "$OUT" 2>&1 | grep -v INFO | tail -25 | tee "$OUT/bench.log"
   python3 benchmarks/bench_op.py --out "$OUT" 2>&1 | grep "^|" | tee "$OUT/bench_op.log"
   python3 benchmarks/bench_op.py --backward --out "$OUT" 2>&1 | grep "^|" | tee "$OUT/bench_op_bwd.log"
+  python3 benchmarks/bench_features.py --out "$OUT" 2>&1 | grep -v INFO | tee "$OUT/bench_features.log" | tail -14
+  python3 benchmarks/bench_decode.py --quick --out "$OUT" 2>&1 | grep -v INFO | tee "$OUT/bench_decode.log" | tail -20
+  ;;
+ab)
+  python3 tools/bench_ab.py --old .device/old 2>&1 | grep -v INFO | tee "$OUT/ab.log"
   ;;
 train)
   python3 examples/train.py --out "$OUT" 2>&1 | grep -v INFO | tee "$OUT/train.log"
