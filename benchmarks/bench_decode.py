@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import swattn  # noqa: E402
+from bench import kernel_us  # noqa: E402  (the card's CUDA-graph timing)
 from swattn import decode as dec  # noqa: E402
 from swattn import testing  # noqa: E402
 from swattn.decode import SlidingWindowKVCache, flash_attn_with_kvcache  # noqa: E402
@@ -124,20 +125,6 @@ def precompile(head_dims, arch: str, jobs: int) -> None:
 
 
 # ---- timing ------------------------------------------------------------------------------------
-
-
-def graph_us(calls: list, reps: int) -> float:
-    """Median GPU time of one call: a CUDA graph of ``reps`` calls cycling over ``calls``."""
-    from triton.testing import do_bench
-
-    for c in calls:  # warm up: compile, allocate outside the capture
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for r in range(reps):
-            calls[r % len(calls)]()
-    return do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3 / reps
 
 
 def replay_us(call, n: int = 200) -> float:
@@ -285,7 +272,7 @@ def bench_shape(shape: tuple, bw: float, peers: set[str], log) -> list[dict]:
             if name == "fa4" and isinstance(out, tuple):
                 out = out[0]
             e = err(out) if name != "swattn +append" else None  # its window holds the new keys
-            us = graph_us(calls, reps=max(len(calls), 32))
+            us = kernel_us(calls, reps=max(len(calls), 32))
             row = dict(
                 batch=b,
                 q_heads=hq,

@@ -136,6 +136,24 @@ def sliding_window_attention(
 MAX_HEAD_DIM = 256
 
 
+def check_softcap(softcap) -> None:
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap!r}")
+
+
+def check_sinks(sinks, q: torch.Tensor) -> None:
+    """sinks: None or (q_heads,) float32 / float64 / q's dtype on q's device ((..., q_heads, head_dim) q)."""
+    if sinks is None:
+        return
+    hq = q.shape[-2]
+    if not isinstance(sinks, torch.Tensor) or sinks.shape != (hq,):
+        raise ValueError(f"sinks must be a tensor of shape (q_heads,) = ({hq},), got {getattr(sinks, 'shape', sinks)}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
+    if sinks.dtype not in (torch.float32, q.dtype, torch.float64):
+        raise TypeError(f"sinks must be float32 or q's dtype, got {sinks.dtype}")
+
+
 def _check_flash_args(q, softmax_scale, causal, window_size, softcap, sinks):
     """The scalars of the FlashAttention-style functions; returns the scale."""
     check_window(window_size, "window_size")
@@ -144,20 +162,11 @@ def _check_flash_args(q, softmax_scale, causal, window_size, softcap, sinks):
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     check_scale(softmax_scale)
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap!r}")
-    d, hq = q.shape[-1], q.shape[-2]
+    check_softcap(softcap)
+    d = q.shape[-1]
     if q.is_cuda and (d % 8 or d > MAX_HEAD_DIM):
         raise ValueError(f"head_dim must be a multiple of 8 up to {MAX_HEAD_DIM} on CUDA, got {d}")
-    if sinks is not None:
-        if not isinstance(sinks, torch.Tensor) or sinks.shape != (hq,):
-            raise ValueError(
-                f"sinks must be a tensor of shape (q_heads,) = ({hq},), got {getattr(sinks, 'shape', sinks)}"
-            )
-        if sinks.device != q.device:
-            raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
-        if sinks.dtype not in (torch.float32, q.dtype, torch.float64):
-            raise TypeError(f"sinks must be float32 or q's dtype, got {sinks.dtype}")
+    check_sinks(sinks, q)
     return 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
 
 

@@ -41,7 +41,7 @@ import math
 import torch
 
 from . import eager, launch, window
-from .api import check_scale
+from .api import check_scale, check_sinks, check_softcap
 from .kernels import decode as kernels
 from .kernels.common import LOG2E
 
@@ -296,17 +296,8 @@ def _check_common(q, k_cache, v_cache, softmax_scale, softcap, sinks):
     elif q.dtype not in CPU_DTYPES:
         raise TypeError(f"on the CPU q and the caches must be float32, float64, float16 or bfloat16, got {q.dtype}")
     check_scale(softmax_scale)
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap!r}")
-    if sinks is not None:
-        if not isinstance(sinks, torch.Tensor) or sinks.shape != (hq,):
-            raise ValueError(
-                f"sinks must be a tensor of shape (q_heads,) = ({hq},), got {getattr(sinks, 'shape', sinks)}"
-            )
-        if sinks.device != q.device:
-            raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
-        if not sinks.dtype.is_floating_point:
-            raise TypeError(f"sinks must be a floating-point tensor, got {sinks.dtype}")
+    check_softcap(softcap)
+    check_sinks(sinks, q)
     return 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
 
 
