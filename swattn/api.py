@@ -64,6 +64,16 @@ def check_scale(scale) -> None:
         raise ValueError(f"the softmax scale must be a positive finite number, got {scale!r}")
 
 
+def check_dilation(dilation, global_tokens) -> None:
+    """dilation an int >= 1, global_tokens an int >= 0, not both in use."""
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
+    if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
+        raise ValueError(f"global_tokens must be an int >= 0, got {global_tokens!r}")
+    if dilation > 1 and global_tokens:
+        raise NotImplementedError("dilation together with global tokens is not supported")
+
+
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,12 +119,7 @@ def sliding_window_attention(
         check_window(window)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
-    if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
-        raise ValueError(f"global_tokens must be an int >= 0, got {global_tokens!r}")
-    if dilation > 1 and global_tokens:
-        raise NotImplementedError("dilation together with global tokens is not supported")
+    check_dilation(dilation, global_tokens)
     check_scale(scale)
     check_qkv(q, k, v)
     b, s, hq, d = q.shape

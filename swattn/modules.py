@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import launch
-from .api import MAX_HEAD_DIM, flash_attn_func, sliding_window_attention
+from .api import MAX_HEAD_DIM, check_dilation, flash_attn_func, sliding_window_attention
 from .window import check_window, dense_mask, normalize_window
 
 
@@ -69,12 +69,7 @@ class SlidingWindowAttention(torch.nn.Module):
                 f"{hidden_size}, {num_heads}, {num_kv_heads}"
             )
         check_window(window)
-        if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-            raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
-        if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
-            raise ValueError(f"global_tokens must be an int >= 0, got {global_tokens!r}")
-        if dilation > 1 and global_tokens:
-            raise NotImplementedError("dilation together with global tokens is not supported")
+        check_dilation(dilation, global_tokens)
         self.impl = impl
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads
