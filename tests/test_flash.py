@@ -224,7 +224,12 @@ def test_flash_launches(flash_stand_ins, head_dim, varlen, cap, sinks):
 
 
 @pytest.mark.parametrize(
-    "head_dim,varlen,softcap,sinks", [(64, True, True, True), (128, False, True, False), (256, False, False, True)]
+    "head_dim,varlen,softcap,sinks",
+    [
+        (64, True, True, True),  # every flag in one build: the default run
+        pytest.param(128, False, True, False, marks=pytest.mark.slow),
+        pytest.param(256, False, False, True, marks=pytest.mark.slow),
+    ],
 )
 def test_flash_forward_variants_compile_sm90a(head_dim, varlen, softcap, sinks):
     src = launch.compiled_forward(
@@ -233,7 +238,14 @@ def test_flash_forward_variants_compile_sm90a(head_dim, varlen, softcap, sinks):
     assert ("tanh" in src) == softcap
 
 
-@pytest.mark.parametrize("head_dim,varlen,softcap", [(64, True, True), (128, True, False), (256, False, False)])
+@pytest.mark.parametrize(
+    "head_dim,varlen,softcap",
+    [
+        (64, True, True),
+        pytest.param(128, True, False, marks=pytest.mark.slow),
+        pytest.param(256, False, False, marks=pytest.mark.slow),
+    ],
+)
 def test_flash_backward_variants_compile_sm90a(head_dim, varlen, softcap):
     src = launch.compiled_backward(
         head_dim, "bfloat16", "sm_90a", None, False, "bfloat16", varlen, softcap
