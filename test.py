@@ -104,7 +104,10 @@ def test_memory_model():
     # One CTA's tile (Q tile, double-buffered K/V tiles, S and O in registers) fits an SM.
     block_m, block_n, d, stages = 64, 64, 64, 2
     q_tile, kv_tiles = block_m * d * 2, 2 * stages * block_n * d * 2
-    assert ref.tile_working_set_bytes(block_m, block_n, d, stages) == q_tile + kv_tiles + (block_m * block_n + block_m * d) * 4
+    assert (
+        ref.tile_working_set_bytes(block_m, block_n, d, stages)
+        == q_tile + kv_tiles + (block_m * block_n + block_m * d) * 4
+    )
     assert ref.tile_working_set_bytes(block_m, block_n, d, stages) < 228 * 1024
 
 

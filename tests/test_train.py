@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_tiny_training_run_learns(tmp_path):
     subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train.py"), "--steps", "30", "--tiny", "--out", str(tmp_path)], check=True
+        [sys.executable, str(ROOT / "examples" / "train.py"), "--steps", "30", "--tiny", "--out", str(tmp_path)],
+        check=True,
     )
     runs = json.loads((tmp_path / "train.json").read_text())["runs"]
     losses = runs[-1]["losses"]
