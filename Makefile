@@ -25,7 +25,7 @@ bench: bench-assignment bench-op  ## both tables below (needs a GPU; ~10 min wit
 bench-assignment: setup  ## the seed's table: sliding window vs full attention at seq 512/1024/2048
 	$(PY) bench.py
 
-# The course handout copies this Makefile without the general op: there bench-op does nothing.
+# bench-op needs benchmarks/bench_op.py.
 bench-op: setup  ## the general op vs FlexAttention, FA4 (if importable) and SDPA: forward, then forward + backward
 	@if [ -f benchmarks/bench_op.py ]; then $(PY) benchmarks/bench_op.py && $(PY) benchmarks/bench_op.py --backward; fi
 
