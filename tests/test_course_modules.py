@@ -17,6 +17,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import gpu, rand
 
 from swattn.online import (
     AttnQKVLayout,
@@ -26,14 +27,7 @@ from swattn.online import (
     OnlineSlidingWindowAttn,
 )
 
-HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 F64 = torch.float64
-
-
-def rand(*shape, dtype=F64, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
 
 
 def rel_err(a, b) -> float:

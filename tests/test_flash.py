@@ -12,20 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 from test_launchers import StandIn
+from utils import gpu, rand
 
 import reference as ref
 import swattn
 from swattn import launch, testing
 from swattn.kernels import backward as bwd_kernels
 from swattn.kernels import forward as fwd_kernels
-
-HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-
-
-def rand(*shape, dtype=torch.float64, device="cpu", seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
 
 
 def cu(lengths, device="cpu"):

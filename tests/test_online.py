@@ -14,18 +14,11 @@ import random
 import pytest
 import torch
 from test_swattn import assert_matches_reference
+from utils import gpu, rand
 
 import reference as ref
 from swattn import online, testing
 from swattn import window as wspec
-
-HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-
-
-def rand(*shape, dtype=torch.float64, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
 
 
 def test_merge_is_exact_and_nan_free():

@@ -11,6 +11,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import gpu, rand
 
 import reference as ref
 import swattn
@@ -18,15 +19,6 @@ from swattn import launch, testing
 from swattn import window as wspec
 from swattn.kernels import common
 from swattn.kernels import forward as fwd_kernels
-
-HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-
-
-def rand(*shape, dtype=torch.float64, device="cpu", seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
-
 
 # --- CPU: masks and references -----------------------------------------------------
 
