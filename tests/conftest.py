@@ -21,3 +21,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """Readable case ids: fp16 / bf16 rather than dtype0 / dtype1."""
+    return DTYPE_IDS.get(val) if isinstance(val, torch.dtype) else None

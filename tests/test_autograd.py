@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from utils import case_ids
 
 import reference as ref
 import swattn
@@ -190,7 +191,7 @@ def assert_kernel_gradients(kernel, reference, shape_q, shape_kv, dtype, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("case", range(len(GPU_CASES)))
+@pytest.mark.parametrize("case", range(len(GPU_CASES)), ids=case_ids(GPU_CASES, "b hq hk s left right dil glob"))
 def test_kernel_gradients_match_reference(case, head_dim, dtype):
     b, hq, hk, s, left, right, dil, glob = GPU_CASES[case]
 
@@ -216,7 +217,9 @@ ADAPTIVE_GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("case", range(len(ADAPTIVE_GPU_CASES)))
+@pytest.mark.parametrize(
+    "case", range(len(ADAPTIVE_GPU_CASES)), ids=case_ids(ADAPTIVE_GPU_CASES, "b hq hk s dil glob maxleft maxright")
+)
 def test_adaptive_kernel_gradients_match_reference(case, head_dim, dtype):
     """Per-(head, query) windows through the backward kernel: its key-side schedule
     (wspec.adaptive_key_side_schedule, merged over each GQA group) must reach every

@@ -11,7 +11,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import gpu, rand
+from utils import case_ids, gpu, rand
 
 import reference as ref
 import swattn
@@ -337,7 +337,7 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("case", range(len(GPU_CASES)))
+@pytest.mark.parametrize("case", range(len(GPU_CASES)), ids=case_ids(GPU_CASES, "b hq hk s w causal dil glob"))
 def test_kernel_matches_reference(case, head_dim, dtype):
     b, hq, hk, s, window, causal, dil, g = GPU_CASES[case]
     q = rand(b, s, hq, head_dim, dtype=dtype, device="cuda", seed=case)
@@ -374,7 +374,9 @@ ADAPTIVE_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("case", range(len(ADAPTIVE_CASES)))
+@pytest.mark.parametrize(
+    "case", range(len(ADAPTIVE_CASES)), ids=case_ids(ADAPTIVE_CASES, "b hq hk s _ causal dil glob")
+)
 def test_adaptive_kernel_matches_reference(case, head_dim, dtype):
     b, hq, hk, s, make_window, causal, dil, g = ADAPTIVE_CASES[case]
     window = make_window(hq, s, torch.Generator().manual_seed(case))
