@@ -22,6 +22,7 @@ import random
 
 import pytest
 import torch
+from utils import StandIn
 
 import reference as ref
 from swattn import decode as dec
@@ -32,7 +33,6 @@ from swattn.kernels import decode as kernels
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int32": torch.int32}
 
 
 def rand(*shape, dtype=torch.float64, device="cpu", seed=0):
@@ -329,34 +329,6 @@ def test_cuda_only_limits_raise(monkeypatch):
 
 
 # ---- the launcher against the prim_funcs (stand-ins) ---------------------------------------------
-
-
-class StandIn:
-    """Checks a call against ``prim_func`` (count, tensor rank, dtype and contiguity, int32 and
-    float32 scalars) and fills the float outputs with zeros."""
-
-    def __init__(self, prim_func, outputs):
-        self.prim_func, self.outputs, self.calls = prim_func, outputs, 0
-
-    def __call__(self, *args):
-        params = self.prim_func.params
-        assert len(args) == len(params), f"{len(args)} arguments for {len(params)} parameters"
-        for n, (arg, param) in enumerate(zip(args, params, strict=True)):
-            buf = self.prim_func.buffer_map.get(param)
-            if buf is None:
-                if str(param.dtype) == "int32":
-                    assert isinstance(arg, int) and not isinstance(arg, bool), f"argument {n}: {arg!r} for {param}"
-                    assert -(2**31) <= arg < 2**31, f"argument {n} overflows int32: {arg}"
-                else:
-                    assert str(param.dtype) == "float32" and isinstance(arg, float), f"argument {n}: {arg!r}"
-                continue
-            assert isinstance(arg, torch.Tensor), f"argument {n} ({buf.name}) is not a tensor"
-            assert arg.dim() == len(buf.shape), f"{buf.name}: rank {arg.dim()} for {len(buf.shape)}"
-            assert arg.dtype == TORCH_DTYPES[str(buf.dtype)], f"{buf.name}: {arg.dtype} for {buf.dtype}"
-            assert arg.is_contiguous(), f"{buf.name} is not contiguous"
-        for n in self.outputs:
-            args[n].zero_()
-        self.calls += 1
 
 
 @pytest.fixture

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_launchers import StandIn
 from utils import gpu, rand
 
 import reference as ref
 import swattn
 from swattn import launch, testing
-from swattn.kernels import backward as bwd_kernels
-from swattn.kernels import forward as fwd_kernels
 
 
 def cu(lengths, device="cpu"):
@@ -161,40 +158,11 @@ def test_torch_compile_sees_one_opaque_op_with_sinks_and_varlen():
 # --- the launch paths on the CPU, with stand-ins -----------------------------------------
 
 
-@pytest.fixture
-def flash_stand_ins(monkeypatch):
-    made = []
-    monkeypatch.setattr(launch, "on_gpu", lambda x: True)
-    monkeypatch.setattr(launch, "cuda_arch", lambda device: "sm_90a")
-
-    def fwd(head_dim, dtype, arch, tile=None, mode="general", skip=True, varlen=False, softcap=False, sinks=False):
-        fn = fwd_kernels.make_forward(
-            head_dim, dtype, arch, launch.tile_config(head_dim, arch), mode, skip, varlen, softcap, sinks
-        )
-        made.append(StandIn(fn, outputs=(3, 4)))
-        return made[-1]
-
-    def bwd(head_dim, dtype, arch, tile=None, adaptive=False, kv_grads="float32", varlen=False, softcap=False):
-        tile = launch.tile_config(head_dim, arch, "backward")
-        fn = bwd_kernels.make_backward(head_dim, dtype, arch, tile, adaptive, kv_grads, varlen, softcap)
-        made.append(StandIn(fn, outputs=(6, 7, 8)))
-        return made[-1]
-
-    def pre(head_dim, dtype, arch):
-        made.append(StandIn(bwd_kernels.make_preprocess(head_dim, dtype), outputs=(2,)))
-        return made[-1]
-
-    monkeypatch.setattr(launch, "compiled_forward", fwd)
-    monkeypatch.setattr(launch, "compiled_backward", bwd)
-    monkeypatch.setattr(launch, "compiled_preprocess", pre)
-    return made
-
-
 @pytest.mark.parametrize("head_dim", [64, 72, 256])
 @pytest.mark.parametrize(
     "varlen,cap,sinks", [(False, 0.0, False), (True, 0.0, True), (False, 5.0, True), (True, 5.0, False)]
 )
-def test_flash_launches(flash_stand_ins, head_dim, varlen, cap, sinks):
+def test_flash_launches(stand_ins, head_dim, varlen, cap, sinks):
     hq, hk = 4, 2
     s = torch.zeros(hq, requires_grad=True) if sinks else None
     if varlen:
@@ -211,7 +179,7 @@ def test_flash_launches(flash_stand_ins, head_dim, varlen, cap, sinks):
         assert lse.shape == (2, hq, 10)
     assert out.shape == q.shape
     (out.float().sum() + lse.sum()).backward()
-    assert [m.calls for m in flash_stand_ins] == [1, 1, 1]  # forward, preprocess, backward
+    assert [m.calls for m in stand_ins] == [1, 1, 1]  # forward, preprocess, backward
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
     assert sinks == (s is not None and s.grad is not None and s.grad.shape == (hq,))
 

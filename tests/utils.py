@@ -20,3 +20,36 @@ def case_ids(cases, names: str) -> list[str]:
     """Ids for tuples of case fields named by ``names`` (space-separated), e.g. 'b2 hq4 hk2 s1000 w(128, 128)'."""
     keys = names.split()
     return [" ".join(f"{k}{v}" for k, v in zip(keys, c, strict=False)) for c in cases]
+
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int32": torch.int32}
+
+
+class StandIn:
+    """A compiled kernel's stand-in for the CPU tests of the launch paths: checks a call
+    against ``prim_func`` (argument count, tensor rank, dtype and contiguity, int32 scalars
+    in range, float32 scalars as floats) and fills the output tensors ``outputs`` with
+    zeros. A wrong launcher otherwise shows only on a GPU."""
+
+    def __init__(self, prim_func, outputs):
+        self.prim_func, self.outputs, self.calls = prim_func, outputs, 0
+
+    def __call__(self, *args):
+        params = self.prim_func.params
+        assert len(args) == len(params), f"{len(args)} arguments for {len(params)} parameters"
+        for n, (arg, param) in enumerate(zip(args, params, strict=True)):
+            buf = self.prim_func.buffer_map.get(param)
+            if buf is None:
+                if str(param.dtype).startswith("float"):
+                    assert isinstance(arg, float), f"argument {n}: {arg!r} for the float {param}"
+                    continue
+                assert isinstance(arg, int) and not isinstance(arg, bool), f"argument {n}: {arg!r} for {param}"
+                assert -(2**31) <= arg < 2**31, f"argument {n} overflows int32: {arg}"
+                continue
+            assert isinstance(arg, torch.Tensor), f"argument {n} ({buf.name}) is not a tensor"
+            assert arg.dim() == len(buf.shape), f"{buf.name}: rank {arg.dim()} for {len(buf.shape)}"
+            assert arg.dtype == TORCH_DTYPES[str(buf.dtype)], f"{buf.name}: {arg.dtype} for {buf.dtype}"
+            assert arg.is_contiguous(), f"{buf.name} is not contiguous"
+        for n in self.outputs:
+            args[n].zero_()
+        self.calls += 1
