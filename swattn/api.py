@@ -223,8 +223,8 @@ def flash_attn_varlen_func(
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
     softmax_scale: float | None = None,
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
@@ -237,7 +237,8 @@ def flash_attn_varlen_func(
     q (total_q, q_heads, head_dim), k, v (total_k, kv_heads, head_dim); sequence b
     holds rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q and likewise of k, v
     (int32, batch + 1, on q's device, non-decreasing from 0); max_seqlen_q/k bound
-    the lengths. Each sequence gets its own bottom-right window (see
+    the lengths (None: read from the offsets, one device-to-host sync, so not
+    CUDA-graph capturable). Each sequence gets its own bottom-right window (see
     ``flash_attn_func``, whose other arguments these are). Returns out (total_q,
     q_heads, head_dim), and lse (q_heads, total_q) if ``return_lse``.
     """
@@ -256,6 +257,10 @@ def flash_attn_varlen_func(
             f"cu_seqlens_q and cu_seqlens_k disagree on the batch: {cu_seqlens_q.numel()} vs "
             f"{cu_seqlens_k.numel()} offsets"
         )
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    if max_seqlen_k is None:
+        max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"{name} must be an int >= 0, got {m!r}")

@@ -93,6 +93,9 @@ def test_varlen_matches_the_oracle_per_sequence():
     exp = torch.autograd.grad((want * g).sum() + want_lse.sum(), (q, k, v, sinks))
     for name, a, w in zip("qkvs", got, exp, strict=True):
         assert ref.rel_err(a, w) < 1e-10, name
+    # max_seqlen None: read from the offsets.
+    auto = swattn.flash_attn_varlen_func(q, k, v, cq, ck, None, None, **kw)
+    assert torch.equal(auto, out)
     # The batch of one sequence is the unpacked call.
     one = swattn.flash_attn_varlen_func(q[8:135], k[10:110], v[10:110], cu([127]), cu([100]), 127, 100, **kw)
     assert torch.allclose(one, swattn.flash_attn_func(q[None, 8:135], k[None, 10:110], v[None, 10:110], **kw)[0])
