@@ -54,7 +54,8 @@ import torch.distributed as dist
 
 from .api import check_qkv, check_scale
 from .eager import work_dtype
-from .online import block_attention, block_attention_backward, empty_state, merge_, output_delta, window_bounds
+from .online import block_attention, block_attention_backward, empty_state, merge_, window_bounds
+from .ops import output_delta
 from .window import UNBOUNDED, block_visible, check_window
 
 _MAGIC = 0x53575350_0001  # "SWSP", descriptor version 1: a peer in another collective shows up as a mismatch

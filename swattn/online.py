@@ -136,19 +136,6 @@ def block_attention_backward(
     return eager.masked_backward(dout, q, k, v, lse, delta, mask, scale)
 
 
-def output_delta(dout: torch.Tensor, out: torch.Tensor, dlse: torch.Tensor | None = None) -> torch.Tensor:
-    """delta = rowsum(dout * out) - dlse, (batch, heads, seq), the term every key
-    block's backward shares (dS = P * (dP - delta)); out, dout (batch, seq, heads,
-    dim). Float32 (float64 for float64 out). On the GPU, for the kernels' dtypes and
-    head dims, one pass of the backward's preprocess kernel reads out and dout in
-    their own dtype (an eager float32 product and sum would write and read them
-    again in float32: ~3.5 GB at 131072 tokens, 32 heads of 128)."""
-    if launch.on_gpu(out) and out.dtype in launch.DTYPES and out.shape[3] in launch.HEAD_DIMS:
-        delta = launch.preprocess(out, dout)
-        return (delta if dlse is None else delta - dlse.float()).contiguous()
-    return eager.output_delta(dout, out, dlse)
-
-
 def empty_state(q: torch.Tensor):
     """(out, lse) before any key block, for q (batch, seq, heads, dim): zeros and -inf,
     float32 (float64 for float64 q)."""

@@ -17,7 +17,7 @@ from test_swattn import assert_matches_reference
 from utils import gpu, rand
 
 import reference as ref
-from swattn import online, testing
+from swattn import online, ops, testing
 from swattn import window as wspec
 
 
@@ -146,7 +146,7 @@ def blocked_gradients(q, k, v, g_out, left, right, bq, bkv, global_tokens=0):
     seq_len = q.shape[1]
     out, lse = blocked_forward(q, k, v, left, right, bq, bkv, global_tokens)
     blocks = [(i, j) for i in range(-(-seq_len // bq)) for j in range(-(-seq_len // bkv))]
-    delta = online.output_delta(g_out, out)
+    delta = ops.output_delta(g_out, out)
     dq, dk, dv = (torch.zeros(x.shape, dtype=out.dtype, device=x.device) for x in (q, k, v))
     for i, j in blocks:
         qs, ks = slice(i * bq, (i + 1) * bq), slice(j * bkv, (j + 1) * bkv)
@@ -210,7 +210,7 @@ def test_output_delta_kernel_matches_eager(dtype, head_dim):
     full 64-row tile and a partial one), against float64."""
     out, dout = (rand(2, 70, 3, head_dim, dtype=dtype, device="cuda", seed=s) for s in (1, 2))
     dlse = rand(2, 3, 70, dtype=torch.float32, device="cuda", seed=3)
-    got = online.output_delta(dout, out, dlse)
+    got = ops.output_delta(dout, out, dlse)
     want = (dout.double() * out.double()).sum(-1).transpose(1, 2) - dlse.double()
     assert got.dtype == torch.float32 and got.shape == want.shape and got.is_contiguous()
     assert ref.rel_err(got, want) < 1e-5
