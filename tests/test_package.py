@@ -4,6 +4,7 @@ layers import only downwards (no cycle, no import inside a function to dodge one
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -93,8 +94,15 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     tilelang come from this environment's site-packages, the editable install of
     the repository does not), and from a directory outside the repository: import
     swattn, load the shipped tiles and run the CPU path of the functions and the module."""
+    # Build from the package's sources alone: a build in the repository would reuse its
+    # build/lib, where a module deleted from swattn/ lives on and ships in the wheel.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(PACKAGE, src / "swattn", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, ROOT],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, src],
         check=True,
     )
     wheel = next(tmp_path.glob("swattn-*.whl"))
