@@ -21,9 +21,9 @@ allows:
     however it detached itself.
   * as root, the worker runs as ``nobody`` (supplementary groups: those owning
     the NVIDIA device nodes), with ``no_new_privs``; where ``nobody`` cannot
-    open the GPU's device files (``Sandbox.probe`` checks), as uid 0 with
-    every capability dropped instead: it cannot unmount, remount or pass file
-    permissions, so the namespaces' view holds.
+    open the GPU's device files (``Sandbox.probe`` checks), or without namespaces
+    cannot walk to its tree, as uid 0 with every capability dropped instead: it
+    cannot unmount, remount or pass file permissions, so the namespaces' view holds.
   * always: a new session; rlimits (CPU seconds, file size, core 0, open
     files, processes as ``nobody``; RLIMIT_AS only where no cgroup exists and
     CUDA is not in use: CUDA reserves more address space than any useful
@@ -493,18 +493,20 @@ class Running:
         for d in (home, tmp):
             d.mkdir(exist_ok=True)
         nobody = _nobody() if as_root and not self.box.keep_uid else None
-        if (
-            nobody
-            and self.box.mode == "basic"
-            and not all(_traversable_by_others(Path(d)) for d in self.box._exposed())
-        ):
-            nobody = None  # no namespace to bind the runtime into, and ``nobody`` cannot reach it
         if nobody:
-            for d in (home, tmp):
-                os.chown(d, nobody[0], nobody[1])
             # Without namespaces ``nobody`` must walk to its tree: through, not into, the listing.
             for d in (step_dir, step_dir.parent):
                 os.chmod(d, 0o711)
+        if nobody and self.box.mode == "basic":
+            # No namespace to bind the runtime, the tree or the scratch folders into: where
+            # ``nobody`` cannot walk to one of them (a 0700 folder above, pytest's /tmp/pytest-of-root
+            # say) the worker runs as root without capabilities instead.
+            reachable = [tree, home, tmp, *map(Path, self.box._exposed())]
+            if not all(_traversable_by_others(p) for p in reachable):
+                nobody = None
+        if nobody:
+            for d in (home, tmp):
+                os.chown(d, nobody[0], nobody[1])
         self.log_path = step_dir / "log.txt"
         read_fd, write_fd = os.pipe()
         config = {
@@ -516,7 +518,7 @@ class Running:
             "hide": self.box._hidden(as_root),
             "expose": self.box._exposed(),
             "nobody": nobody,
-            "drop_caps": as_root and self.box.keep_uid,
+            "drop_caps": as_root and not nobody,  # root: nobody, or no capabilities
             "groups": _device_groups() if nobody else [],
             "cuda": self.box.cuda,
             "limits": {

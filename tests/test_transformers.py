@@ -310,18 +310,22 @@ def test_register_and_set_attn_implementation():
 GPU_SEQ, GPU_WINDOW = 160, 32
 
 
+GPU_SEEDS = tuple(range(1, 9))  # input batches pooled per quantity (below)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("padding", ["none", "left"])
-def test_gpu_bf16_matches_eager_within_its_own_error(name, padding, request):
-    """swattn-bf16 vs eager-float32 <= 2 x (eager-bf16 vs eager-float32) + 1e-3, logits and each gradient."""
-    if name == "gpt_oss" and padding == "left":
-        # Measured on the H200: the sinks' gradient, -sum exp(sink - lse) * rowsum(dO * O), takes
-        # delta from the bf16-rounded output (as FlashAttention does), while eager autograd
-        # differentiates through the unrounded softmax: 1.2e-2 / 5.6e-2 vs eager-bf16's 4.0e-3 /
-        # 1.5e-2 on this left-padded batch (logits and every other gradient within the bound).
-        request.applymarker(pytest.mark.xfail(reason="sinks' gradient from the rounded output", strict=False))
+def test_gpu_bf16_matches_eager_within_its_own_error(name, padding):
+    """swattn-bf16 vs eager-float32 <= 2 x (eager-bf16 vs eager-float32) + 1e-3, logits and each gradient.
+
+    Each error is pooled over eight input batches, sqrt(sum ||x - ref||^2 / sum ||ref||^2). A
+    sink's gradient is one number per head, a sum over every row of exp(sink - lse) * delta whose
+    terms cancel: on the H200 one batch's ratio of swattn's error to eager-bf16's ran from 0.1x to
+    7.5x over batches 1-8 of gpt-oss (tools/sink_grad_seeds.py, results/h200_s9/sinkseeds.log), so one batch decides
+    nothing; pooled, it is 1.6x (swattn takes delta from the bf16-rounded output, as FlashAttention
+    does; eager differentiates the unrounded softmax)."""
     swattn_hf.register()
     cfg = _config(name, head_dim=64, hidden=128)
     cfg.sliding_window = GPU_WINDOW
@@ -333,26 +337,31 @@ def test_gpu_bf16_matches_eager_within_its_own_error(name, padding, request):
         m = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl)
         m.load_state_dict(ref.state_dict())
         models[impl] = m.cuda().to(torch.bfloat16).eval()
-    ids, weight = _inputs(4, seq=GPU_SEQ)
-    mask = torch.ones_like(ids)
-    if padding == "left":
-        mask[1, :37] = 0
-    ids, weight, mask = ids.cuda(), weight.cuda(), mask.cuda()
-    kw = {} if padding == "none" else {"attention_mask": mask}
-    outs = {}
-    for key, m in models.items():
-        m.zero_grad(set_to_none=True)
-        logits = m(input_ids=ids, **kw).logits
-        (logits.float() * weight * mask[..., None]).sum().backward()
-        grads = {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
-        outs[key] = (logits.detach().float()[mask.bool()], grads)
-    (l_ref, g_ref), (l_e, g_e), (l_s, g_s) = outs["ref"], outs["eager"], outs["swattn"]
-    assert torch.isfinite(l_s).all()
-    err_s, err_e = _rel(l_s, l_ref), _rel(l_e, l_ref)
-    assert err_s <= 2 * err_e + 1e-3, f"logits: swattn {err_s:.2e} vs eager-bf16 {err_e:.2e}"
+    sq_err = {"eager": {}, "swattn": {}}  # quantity -> sum of squared error norms over the batches
+    sq_ref: dict = {}
+    for seed in GPU_SEEDS:
+        ids, weight = _inputs(seed, batch=4, seq=GPU_SEQ)
+        mask = torch.ones_like(ids)
+        if padding == "left":
+            mask[1, :37] = 0
+        ids, weight, mask = ids.cuda(), weight.cuda(), mask.cuda()
+        kw = {} if padding == "none" else {"attention_mask": mask}
+        outs = {}
+        for key, m in models.items():
+            m.zero_grad(set_to_none=True)
+            logits = m(input_ids=ids, **kw).logits
+            (logits.float() * weight * mask[..., None]).sum().backward()
+            got = {n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None}
+            got["logits"] = logits.detach().double()[mask.bool()]
+            outs[key] = got
+        assert torch.isfinite(outs["swattn"]["logits"]).all()
+        for n, r in outs["ref"].items():
+            sq_ref[n] = sq_ref.get(n, 0.0) + float(r.norm()) ** 2
+            for key in ("eager", "swattn"):
+                sq_err[key][n] = sq_err[key].get(n, 0.0) + float((outs[key][n] - r).norm()) ** 2
     bad = {}
-    for n in g_ref:
-        es, ee = _rel(g_s[n], g_ref[n]), _rel(g_e[n], g_ref[n])
+    for n, den in sq_ref.items():
+        es, ee = ((sq_err[key][n] / max(den, 1e-60)) ** 0.5 for key in ("swattn", "eager"))
         if not es <= 2 * ee + 1e-3:
-            bad[n] = (es, ee)
-    assert not bad, f"gradients (swattn, eager-bf16) rel err: {bad}"
+            bad[n] = (f"{es:.2e}", f"{ee:.2e}")
+    assert not bad, f"(swattn, eager-bf16) rel err, pooled over {len(GPU_SEEDS)} batches: {bad}"
