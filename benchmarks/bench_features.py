@@ -103,6 +103,9 @@ def main() -> None:
     peaks = card_peaks()
     rows = [CONFIG["rows"][i] for i in args.rows] if args.rows else CONFIG["rows"]
     results = []
+    env = environment()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / "bench_features.json"
     for backward in (False, True):
         for row in rows:
             calls, leaves, flops, bytes_ = make_row(row, torch.bfloat16, backward)
@@ -128,8 +131,10 @@ def main() -> None:
                     )
                 )
                 print(results[-1], flush=True)
+                # Written after every row: a run cut short by a time limit keeps what it measured.
+                path.write_text(json.dumps({"env": env, "rows": results}, indent=1))
     lines = [
-        f"{environment()}",
+        env,
         "",
         "| row | pass | impl | us | TFLOP/s | % floor | x vs fa4 |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -141,8 +146,6 @@ def main() -> None:
             f"| {r['row']} | {r['pass_']} | {r['impl']} | {r['us']:.1f} | {r['tflops']:.0f} | "
             f"{r['pct_floor']:.0f} | {ratio} |"
         )
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench_features.json").write_text(json.dumps({"env": environment(), "rows": results}, indent=1))
     print("\n".join(lines))
 
 
