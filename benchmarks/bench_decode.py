@@ -234,7 +234,7 @@ def bench_shape(shape: tuple, bw: float, peers: set[str], log) -> list[dict]:
     fa4 = fa4_fn() if "fa4" in peers else None
     if fa4 is not None:
         # FA4 4.0.0b36 has no split-KV kernel on SM 9.x: its heuristic (0) picks one at small batch
-        # and asserts ("SplitKV not supported on SM 9.0", H200 2026-12-03), so one split there.
+        # and asserts ("SplitKV not supported on SM 9.0"), so one split there.
         splits = 1 if torch.cuda.get_device_capability(q.device)[0] == 9 else 0
         impls["fa4"] = (
             [
