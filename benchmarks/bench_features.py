@@ -93,12 +93,35 @@ def make_row(row: dict, dtype, backward: bool):
     return calls, leaves, flops, bytes_
 
 
+def profile(label: str, fn, leaves: list, calls: int = 10) -> None:
+    """Where one call's GPU time goes: the kernels of ``calls`` calls after a warm-up, per call."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            for x in leaves:
+                x.grad = None
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events) / calls
+    print(f"{label}: {total:.1f} us of kernels a call", flush=True)
+    for e in events[:10]:
+        print(f"    {e.device_time_total / calls:9.1f} us  x{e.count // calls}  {e.key[:100]}", flush=True)
+
+
 def main() -> None:
     from triton.testing import do_bench
 
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, nargs="*")
     p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--profile", action="store_true", help="per-kernel GPU times a call (torch.profiler), no table")
     args = p.parse_args()
     peaks = card_peaks()
     rows = [CONFIG["rows"][i] for i in args.rows] if args.rows else CONFIG["rows"]
@@ -110,6 +133,10 @@ def main() -> None:
         for row in rows:
             calls, leaves, flops, bytes_ = make_row(row, torch.bfloat16, backward)
             floor = max(flops / (peaks["fp16_tflops"] * 1e12), bytes_ / (peaks["bandwidth_gbps"] * 1e9)) * 1e6
+            if args.profile:
+                for name, fn in calls.items():
+                    profile(f"{row['name']} {name} {'fwd+bwd' if backward else 'fwd'}", fn, leaves if backward else [])
+                continue
             for name, fn in calls.items():
                 try:
                     us = do_bench(
