@@ -313,19 +313,8 @@ GPU_SEQ, GPU_WINDOW = 160, 32
 GPU_SEEDS = tuple(range(1, 9))  # input batches pooled per quantity (below)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("padding", ["none", "left"])
-def test_gpu_bf16_matches_eager_within_its_own_error(name, padding):
-    """swattn-bf16 vs eager-float32 <= 2 x (eager-bf16 vs eager-float32) + 1e-3, logits and each gradient.
-
-    Each error is pooled over eight input batches, sqrt(sum ||x - ref||^2 / sum ||ref||^2). A
-    sink's gradient is one number per head, a sum over every row of exp(sink - lse) * delta whose
-    terms cancel: on the H200 one batch's ratio of swattn's error to eager-bf16's ran from 0.1x to
-    7.5x over batches 1-8 of gpt-oss (tools/sink_grad_seeds.py, results/h200_s9/sinkseeds.log), so one batch decides
-    nothing; pooled, it is 1.6x (swattn takes delta from the bf16-rounded output, as FlashAttention
-    does; eager differentiates the unrounded softmax)."""
+def _gpu_models(name: str) -> dict:
+    """One tiny model three ways on the GPU: eager float32 (the reference), eager bf16, swattn bf16."""
     swattn_hf.register()
     cfg = _config(name, head_dim=64, hidden=128)
     cfg.sliding_window = GPU_WINDOW
@@ -337,23 +326,47 @@ def test_gpu_bf16_matches_eager_within_its_own_error(name, padding):
         m = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl)
         m.load_state_dict(ref.state_dict())
         models[impl] = m.cuda().to(torch.bfloat16).eval()
+    return models
+
+
+def _gpu_outputs(models: dict, seed: int, padding: str) -> dict:
+    """{model: {parameter: gradient, "logits": logits of the real tokens}} (float64) for one batch;
+    "left" pads sequence 1's first 37 tokens."""
+    ids, weight = _inputs(seed, batch=4, seq=GPU_SEQ)
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[1, :37] = 0
+    ids, weight, mask = ids.cuda(), weight.cuda(), mask.cuda()
+    kw = {} if padding == "none" else {"attention_mask": mask}
+    outs = {}
+    for key, m in models.items():
+        m.zero_grad(set_to_none=True)
+        logits = m(input_ids=ids, **kw).logits
+        (logits.float() * weight * mask[..., None]).sum().backward()
+        got = {n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None}
+        got["logits"] = logits.detach().double()[mask.bool()]
+        outs[key] = got
+    return outs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_gpu_bf16_matches_eager_within_its_own_error(name, padding):
+    """swattn-bf16 vs eager-float32 <= 2 x (eager-bf16 vs eager-float32) + 1e-3, logits and each gradient.
+
+    Each error is pooled over eight input batches, sqrt(sum ||x - ref||^2 / sum ||ref||^2). A
+    sink's gradient is one number per head, a sum over every row of exp(sink - lse) * delta whose
+    terms cancel: on the H200 one batch's ratio of swattn's error to eager-bf16's ran from 0.1x to
+    7.5x over batches 1-8 of gpt-oss (tools/sink_grad_seeds.py, results/h200_s9/sinkseeds.log),
+    so one batch decides nothing; pooled, it is 1.6x (swattn takes delta from the bf16-rounded
+    output, as FlashAttention does; eager differentiates the unrounded softmax)."""
+    models = _gpu_models(name)
     sq_err = {"eager": {}, "swattn": {}}  # quantity -> sum of squared error norms over the batches
     sq_ref: dict = {}
     for seed in GPU_SEEDS:
-        ids, weight = _inputs(seed, batch=4, seq=GPU_SEQ)
-        mask = torch.ones_like(ids)
-        if padding == "left":
-            mask[1, :37] = 0
-        ids, weight, mask = ids.cuda(), weight.cuda(), mask.cuda()
-        kw = {} if padding == "none" else {"attention_mask": mask}
-        outs = {}
-        for key, m in models.items():
-            m.zero_grad(set_to_none=True)
-            logits = m(input_ids=ids, **kw).logits
-            (logits.float() * weight * mask[..., None]).sum().backward()
-            got = {n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None}
-            got["logits"] = logits.detach().double()[mask.bool()]
-            outs[key] = got
+        outs = _gpu_outputs(models, seed, padding)
         assert torch.isfinite(outs["swattn"]["logits"]).all()
         for n, r in outs["ref"].items():
             sq_ref[n] = sq_ref.get(n, 0.0) + float(r.norm()) ** 2
