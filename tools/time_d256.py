@@ -37,9 +37,6 @@ import argparse
 import concurrent.futures as cf
 import math
 import multiprocessing as mp
-import os
-import sys
-import tempfile
 import time
 import traceback
 
@@ -117,26 +114,11 @@ def kv_ss_module():
     """The repo's backward kernel module with the kv_ss edits, as swattn.kernels._backward_kv_ss."""
     global _KV_SS
     if _KV_SS is None:
-        import importlib.util
-        import inspect
+        from kernel_variant import edited_module
 
         from swattn.kernels import backward as bwd
 
-        src = inspect.getsource(bwd)
-        for old, new in _KV_SS_EDITS:
-            if src.count(old) != 1:
-                raise RuntimeError(f"kv_ss edit does not apply to swattn/kernels/backward.py:\n{old}")
-            src = src.replace(old, new)
-        # TileLang reads the prim_func's source back (inspect), so it must live in a real file.
-        path = os.path.join(tempfile.mkdtemp(prefix="swattn_kv_ss_"), "_backward_kv_ss.py")
-        with open(path, "w") as f:
-            f.write(src)
-        spec = importlib.util.spec_from_file_location("swattn.kernels._backward_kv_ss", path)
-        mod = importlib.util.module_from_spec(spec)
-        mod.__package__ = "swattn.kernels"
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        _KV_SS = mod
+        _KV_SS = edited_module(bwd, _KV_SS_EDITS, "swattn.kernels._backward_kv_ss")
     return _KV_SS
 
 
