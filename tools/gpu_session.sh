@@ -10,6 +10,9 @@
 #   sp      (two or more GPUs) the NCCL tests
 #   scale   the sequence-parallel scaling table (tools/scale_sp.py; arguments follow)
 #   profile Nsight Compute on the forward of bench_op shapes 1-3 (hardware counters)
+#   d256    the D = 256 backward's tile candidates (tools/time_d256.py: compile, then time)
+#   pipe    the forward with an honoured order/stage schedule (tools/time_pipelined.py)
+#   feat    the model rows' kernel profiles (bench_features.py --profile) and the rows themselves
 # benchmarks/bench_op.py adds a FlashAttention-4 column when flash_attn.cute imports (/tmp/fa4
 # on PYTHONPATH after tilelang's site: bench_op.py's docstring).
 set -uo pipefail
@@ -53,6 +56,18 @@ scale)
   # the rest of the arguments go to scale_sp.py, e.g. scale --seqs 131072 --windows full --modes fwd
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
   python3 tools/scale_sp.py "${@:2}" --out "$OUT/scale_sp.json" 2>&1 | grep -v INFO | tee -a "$OUT/scale_sp.log" | grep "^|"
+  ;;
+d256)
+  python3 tools/time_d256.py --precompile 12 --compile-only 2>&1 | grep -v INFO | tee "$OUT/d256_compile.log" | tail -5
+  python3 tools/time_d256.py 2>&1 | grep -v INFO | tee "$OUT/d256.log" | tail -15
+  ;;
+pipe)
+  python3 tools/time_pipelined.py --precompile 12 --compile-only 2>&1 | grep -v INFO | tee "$OUT/pipe_compile.log" | tail -5
+  python3 tools/time_pipelined.py 2>&1 | grep -v INFO | tee "$OUT/pipe.log" | tail -10
+  ;;
+feat)
+  python3 benchmarks/bench_features.py --profile --rows 0 1 2>&1 | grep -v INFO | tee "$OUT/features_profile.log" | grep -v "^ "
+  python3 benchmarks/bench_features.py --out "$OUT" 2>&1 | grep -v INFO | tee "$OUT/bench_features.log" | tail -14
   ;;
 profile)
   ncu --clock-control none --profile-from-start off --section SpeedOfLight --section ComputeWorkloadAnalysis \
