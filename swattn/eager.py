@@ -163,8 +163,9 @@ def flash_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, left: int, right: 
     return out, lse
 
 
-def flash_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale):
-    """(dq, dk, dv, dsinks or None) of ``flash_forward``, in the work dtype."""
+def flash_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale):
+    """(dq, dk, dv, dsinks or None) of ``flash_forward``, in the work dtype; arguments as
+    ``launch.flash_backward``'s but the max_seqlen pair."""
     seqs = _sequences(q, cu_seqlens_q, cu_seqlens_k)
     if seqs is None:
         sq, sk = q.shape[1], k.shape[1]

@@ -249,29 +249,11 @@ def _flash_bwd_impl(
     max_seqlen_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dsinks): the input dtypes, dsinks float32 (zeros (0,) without sinks)."""
+    args = (dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale)
     if launch.on_gpu(q):
-        dq, dk, dv, dsinks = launch.flash_backward(
-            dout,
-            dlse,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            sinks,
-            left,
-            right,
-            softcap,
-            scale,
-            max_seqlen_q,
-            max_seqlen_k,
-        )
+        dq, dk, dv, dsinks = launch.flash_backward(*args, max_seqlen_q, max_seqlen_k)
     else:
-        dq, dk, dv, dsinks = eager.flash_backward(
-            dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, sinks, left, right, softcap, scale
-        )
+        dq, dk, dv, dsinks = eager.flash_backward(*args)
     dsinks = q.new_zeros((0,), dtype=torch.float32) if dsinks is None else dsinks.to(sinks.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks
 
