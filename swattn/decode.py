@@ -268,8 +268,10 @@ def _check_tensor(name, x, dims: int):
         raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(x.shape)}")
 
 
-def _check_common(q, k_cache, v_cache, softmax_scale, softcap, sinks):
+def _check_common(q, k_cache, v_cache, softmax_scale, softcap, sinks, num_splits):
     """q and the caches: ranks, dtypes, devices, heads; the scalars. Returns the scale."""
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: choose), got {num_splits!r}")
     _check_tensor("q", q, 4)
     _check_tensor("k_cache", k_cache, 4)
     _check_tensor("v_cache", v_cache, 4)
@@ -455,14 +457,12 @@ def flash_attn_with_kvcache(
     Returns:
         out (batch, q_len, q_heads, head_dim) in q's dtype, and lse if ``return_lse``.
     """
-    scale = _check_common(q, k_cache, v_cache, softmax_scale, softcap, sinks)
+    scale = _check_common(q, k_cache, v_cache, softmax_scale, softcap, sinks, num_splits)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     pair = window.check_window(window_size, "window_size")
     if pair is None or isinstance(window_size, int):
         raise TypeError(f"window_size must be a (left, right) pair (-1: unbounded), got {window_size!r}")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0: choose), got {num_splits!r}")
     b = q.shape[0]
     n_new = _check_new(k, v, b, k_cache.shape[2], q.shape[3], q.dtype, q.device)
     if block_table is None:
@@ -599,7 +599,7 @@ class SlidingWindowKVCache:
         aligned bottom-right to the keys appended so far. ``window_size`` (left,
         right) defaults to (window, 0) (causal); left must be <= window. Other
         arguments as ``flash_attn_with_kvcache``. Returns out (and lse)."""
-        scale = _check_common(q, self.k, self.v, softmax_scale, softcap, sinks)
+        scale = _check_common(q, self.k, self.v, softmax_scale, softcap, sinks, num_splits)
         if q.shape[0] != self.k.shape[0]:
             raise ValueError(f"q's batch {q.shape[0]} is not the cache's {self.k.shape[0]}")
         if q.shape[1] > self.new_tokens_max:
@@ -611,8 +611,6 @@ class SlidingWindowKVCache:
                 f"window_size must be a (left, right) pair with 0 <= left <= window = {self.window}, "
                 f"got {window_size!r}"
             )
-        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-            raise ValueError(f"num_splits must be an int >= 0 (0: choose), got {num_splits!r}")
         return _run(
             q,
             self.k,
