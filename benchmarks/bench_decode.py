@@ -38,7 +38,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import swattn  # noqa: E402
-from bench import kernel_us  # noqa: E402  (the card's CUDA-graph timing)
+from bench import call_us, kernel_us  # noqa: E402  (the card's timings)
 from swattn import decode as dec  # noqa: E402
 from swattn import testing  # noqa: E402
 from swattn.decode import SlidingWindowKVCache, flash_attn_with_kvcache  # noqa: E402
@@ -142,20 +141,6 @@ def replay_us(call, n: int = 200) -> float:
         graph.replay()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n * 1e6
-
-
-def host_us(call, n: int = 50) -> float:
-    """Host time of one eager call (launches queued, the GPU not awaited), median of 5 runs."""
-    call()
-    torch.cuda.synchronize()
-    runs = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            call()
-        runs.append((time.perf_counter() - t0) / n * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(runs)
 
 
 # ---- one shape ------------------------------------------------------------------------------
@@ -292,7 +277,7 @@ def bench_shape(shape: tuple, bw: float, peers: set[str], log) -> list[dict]:
                 floor_us=floor_us,
                 pct_floor=100 * floor_us / us,
                 replay_us=replay_us(calls[0]),
-                host_us=host_us(calls[0]),
+                host_us=call_us(calls[0], n=50, wait=False),
                 cache_mib=mib,
                 err=e,
                 rotations=len(calls),
