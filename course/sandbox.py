@@ -436,8 +436,8 @@ class Sandbox:
         return Running(self, argv, tree, step_dir, limits)
 
 
-def _process_tree(root: int) -> list[int]:
-    """``root`` and every process descended from it (however detached: a new session keeps its parent)."""
+def _children_by_parent() -> dict[int, list[int]]:
+    """{parent pid: [child pids]} of every process this one can see in /proc."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -446,6 +446,12 @@ def _process_tree(root: int) -> list[int]:
             except OSError:
                 continue
             children.setdefault(int(stat.rpartition(")")[2].split()[1]), []).append(int(d))
+    return children
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it (however detached: a new session keeps its parent)."""
+    children = _children_by_parent()
     out, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -864,16 +870,7 @@ def _reap_all(worker: int) -> int:
 
 
 def _children(ppid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == ppid:
-                out.append(int(d))
-    return out
+    return _children_by_parent().get(ppid, [])
 
 
 def _exit_code(status: int) -> int:
