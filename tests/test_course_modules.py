@@ -320,6 +320,16 @@ def padded_blocks(x, size: int, seed: int):
     return [full[:, i * size : (i + 1) * size] for i in range(n)]
 
 
+def assert_merged(o, lse, o0, lse0, full, full_lse):
+    """(o, lse) is the state (o0, lse0) merged with the whole attention (full, full_lse), to 1e-12."""
+    want_lse = torch.logaddexp(lse0, full_lse)
+    want = (
+        torch.exp(lse0 - want_lse).transpose(1, 2)[..., None] * o0
+        + torch.exp(full_lse - want_lse).transpose(1, 2)[..., None] * full
+    )
+    assert (lse - want_lse).abs().max() < 1e-12 and (o - want).abs().max() < 1e-12
+
+
 @pytest.mark.parametrize("case", range(len(ONLINE_CASES)))
 def test_online_blocks_any_order_into_a_running_state(case):
     sq, sk, bq, bk, hq, hk, kwargs, ref_kwargs = ONLINE_CASES[case]
@@ -346,12 +356,7 @@ def test_online_blocks_any_order_into_a_running_state(case):
     random.Random(case + 1).shuffle(pairs)
     for i, j in pairs:
         layer(qb[i], kb[j], vb[j], o, lse, i, j)
-    want_lse = torch.logaddexp(lse0, full_lse)
-    want = (
-        torch.exp(lse0 - want_lse).transpose(1, 2)[..., None] * o0
-        + torch.exp(full_lse - want_lse).transpose(1, 2)[..., None] * full
-    )
-    assert (lse - want_lse).abs().max() < 1e-12 and (o - want).abs().max() < 1e-12
+    assert_merged(o, lse, o0, lse0, full, full_lse)
 
 
 def test_online_invisible_block_and_padding_leave_the_state_alone():
@@ -428,12 +433,7 @@ def test_kernel_route_online_blocks(kernel_route, case):
     for i in range(len(qb)):
         for j in reversed(range(len(kb))):
             layer(qb[i], kb[j], vb[j], o, lse, i, j)
-    want_lse = torch.logaddexp(lse0, full_lse)
-    want = (
-        torch.exp(lse0 - want_lse).transpose(1, 2)[..., None] * o0
-        + torch.exp(full_lse - want_lse).transpose(1, 2)[..., None] * full
-    )
-    assert (lse - want_lse).abs().max() < 1e-12 and (o - want).abs().max() < 1e-12
+    assert_merged(o, lse, o0, lse0, full, full_lse)
 
 
 # ---- errors ---------------------------------------------------------------------------
