@@ -112,6 +112,7 @@ def precompile(head_dims, arch: str, jobs: int) -> None:
     """Every variant the table can use, compiled in parallel into TileLang's disk cache."""
     dtype = dec.launch.DTYPES[DTYPE]
     variants = [("combine", d, dtype, False) for d in head_dims]
+    variants += [("append", d, dtype, layout) for d in head_dims for layout in ("contiguous", "ring", "paged")]
     variants += [
         (d, dtype, layout, split, False, False)
         for d in head_dims

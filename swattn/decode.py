@@ -80,13 +80,20 @@ def compiled_decode(
 
 @functools.cache
 def compiled_combine(head_dim: int, dtype: str, arch: str, sinks: bool):
-    return launch._compile(kernels.make_combine(head_dim, dtype, sinks), arch)
+    return launch._compile(kernels.make_combine(head_dim, dtype, sinks, MAX_SPLITS), arch)
+
+
+@functools.cache
+def compiled_append(head_dim: int, dtype: str, arch: str, layout: str):
+    return launch._compile(kernels.make_append(head_dim, dtype, layout), arch)
 
 
 def _compile_variant(key: tuple) -> tuple:
     """One ``precompile`` job (a module-level function: spawned processes import it)."""
     if key[0] == "combine":
         compiled_combine(*key[1:])
+    elif key[0] == "append":
+        compiled_append(*key[1:])
     else:
         compiled_decode(*key)
     return key
@@ -96,14 +103,15 @@ def precompile(variants, arch: str = "sm_90a", jobs: int | None = None) -> None:
     """Compile decode variants in ``jobs`` processes (default: one per CPU) into
     TileLang's disk cache, from which this and later processes load each in about a
     second (a compile takes 30-120 s and uses one core). ``variants``: tuples
-    (head_dim, dtype name, layout, split, softcap, sinks) for ``make_decode`` and
-    ("combine", head_dim, dtype name, sinks) for ``make_combine``."""
+    (head_dim, dtype name, layout, split, softcap, sinks) for ``make_decode``,
+    ("combine", head_dim, dtype name, sinks) for ``make_combine`` and ("append",
+    head_dim, dtype name, layout) for ``make_append``."""
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
 
     keys = [
-        ("combine", v[1], v[2], arch, v[3]) if v[0] == "combine" else (v[0], v[1], arch, tile_for(v[0]), *v[2:])
+        (v[0], v[1], v[2], arch, v[3]) if v[0] in ("combine", "append") else (v[0], v[1], arch, tile_for(v[0]), *v[2:])
         for v in dict.fromkeys(variants)
     ]
     jobs = min(jobs or os.cpu_count() or 1, len(keys))
@@ -223,7 +231,13 @@ def cache_rows(cache_seqlens: torch.Tensor, n: int, layout: str, slots: int, blo
 
 def append_(k_cache, v_cache, k, v, cache_seqlens, layout: str, block_table=None) -> None:
     """Write k, v (batch, n, kv_heads, D) into the caches at positions
-    cache_seqlens[b] .. cache_seqlens[b] + n - 1, in place (one index_copy_ each)."""
+    cache_seqlens[b] .. cache_seqlens[b] + n - 1, in place: on CUDA the append kernel
+    (one launch), elsewhere one index_copy_ each."""
+    if launch.on_gpu(k_cache):
+        bt = block_table if layout == "paged" else placeholders(k.device)[0]
+        kernel = compiled_append(k.shape[3], launch.DTYPES[k.dtype], launch.cuda_arch(k.device), layout)
+        kernel(k.contiguous(), v.contiguous(), cache_seqlens, bt, k_cache, v_cache)
+        return
     b, n, hk, d = k.shape
     rows = cache_rows(cache_seqlens, n, layout, k_cache.shape[1], block_table)
     k_cache.view(-1, hk, d).index_copy_(0, rows, k.reshape(b * n, hk, d))
@@ -270,8 +284,8 @@ def _check_tensor(name, x, dims: int):
 
 def _check_common(q, k_cache, v_cache, softmax_scale, softcap, sinks, num_splits):
     """q and the caches: ranks, dtypes, devices, heads; the scalars. Returns the scale."""
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0: choose), got {num_splits!r}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be an int in 0 .. {MAX_SPLITS} (0: choose), got {num_splits!r}")
     _check_tensor("q", q, 4)
     _check_tensor("k_cache", k_cache, 4)
     _check_tensor("v_cache", v_cache, 4)
@@ -453,7 +467,8 @@ def flash_attn_with_kvcache(
         softcap: c > 0 replaces each scaled score s by c * tanh(s / c), before the mask.
         sinks: (q_heads,) sink logits: each adds exp(sink) to its head's denominators.
         return_lse: also return lse (batch, q_heads, q_len), float32, natural log.
-        num_splits: split-KV pieces per query tile; 0 picks from the shapes.
+        num_splits: split-KV pieces per query tile (at most MAX_SPLITS, 64); 0 picks
+            from the shapes.
     Returns:
         out (batch, q_len, q_heads, head_dim) in q's dtype, and lse if ``return_lse``.
     """

@@ -288,6 +288,7 @@ BAD = [
     (lambda: flash_attn_with_kvcache(q0, kc0, kc0, sinks=torch.zeros(2)), ValueError, "sinks"),
     (lambda: flash_attn_with_kvcache(q0, kc0, kc0, causal=1), TypeError, "causal"),
     (lambda: flash_attn_with_kvcache(q0, kc0, kc0, num_splits=-1), ValueError, "num_splits"),
+    (lambda: flash_attn_with_kvcache(q0, kc0, kc0, num_splits=dec.MAX_SPLITS + 1), ValueError, "num_splits"),
     (
         lambda: flash_attn_with_kvcache(q0, rand(2, 32, 2, 8)[:, ::2], rand(2, 32, 2, 8)[:, ::2]),
         ValueError,
@@ -333,7 +334,7 @@ def test_cuda_only_limits_raise(monkeypatch):
 
 @pytest.fixture
 def stand_ins(monkeypatch):
-    made = {"decode": [], "combine": []}
+    made = {"decode": [], "combine": [], "append": []}
     monkeypatch.setattr(launch, "on_gpu", lambda x: True)
     monkeypatch.setattr(launch, "cuda_arch", lambda device: "sm_90a")
     monkeypatch.setattr(dec, "sm_count", lambda device: 132)
@@ -349,8 +350,14 @@ def stand_ins(monkeypatch):
         made["combine"].append(StandIn(kernels.make_combine(head_dim, dtype, sinks), (3, 4)))
         return made["combine"][-1]
 
+    def append(head_dim, dtype, arch, layout):
+        made["append"].append(StandIn(kernels.make_append(head_dim, dtype, layout), ()))
+        made["append"][-1].key = layout
+        return made["append"][-1]
+
     monkeypatch.setattr(dec, "compiled_decode", decode)
     monkeypatch.setattr(dec, "compiled_combine", combine)
+    monkeypatch.setattr(dec, "compiled_append", append)
     return made
 
 
@@ -375,6 +382,7 @@ def test_launcher_arguments_match_the_kernels(stand_ins, layout, num_splits, sof
     split = num_splits != 1
     assert [s.key for s in stand_ins["decode"]] == [(layout, split, softcap > 0, with_sinks and not split)]
     assert [s.calls for s in stand_ins["decode"] + stand_ins["combine"]] == [1] * (2 if split else 1)
+    assert [(s.key, s.calls) for s in stand_ins["append"]] == [(layout, 1)]  # the new keys: one launch
     assert out.shape == q.shape and out.dtype == bf and lse.shape == (1, 4, 2) and lse.dtype == torch.float32
 
 
@@ -531,6 +539,13 @@ def test_combine_compiles_sm90a(head_dim, dtype):
     assert "combine" in dec.compiled_combine(head_dim, dtype, "sm_90a", False).get_kernel_source()
 
 
+@pytest.mark.parametrize("layout", kernels.LAYOUTS)
+def test_append_compiles_sm90a(layout):
+    """The append kernel (a few seconds each): a position outside the cache traps."""
+    src = dec.compiled_append(128, "bfloat16", "sm_90a", layout).get_kernel_source()
+    assert "__trap()" in src and "append" in src
+
+
 # ---- GPU -------------------------------------------------------------------------------------------
 
 
@@ -545,6 +560,8 @@ GPU_VARIANTS = (
     + [(128, "bfloat16", "ring", split, False, False) for split in BOTH]
     + [(64, "float16", "ring", False, False, False)]
     + [("combine", 128, "bfloat16", False), ("combine", 128, "bfloat16", True), ("combine", 64, "float16", False)]
+    + [("append", 128, "bfloat16", layout) for layout in kernels.LAYOUTS]
+    + [("append", 64, "float16", layout) for layout in kernels.LAYOUTS]
 )
 
 
@@ -558,7 +575,7 @@ def gpu_kernels():
     with open(str(stamp) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not stamp.exists():
-            variants = [v if v[0] == "combine" else (*v[:4], bool(v[4]), bool(v[5])) for v in GPU_VARIANTS]
+            variants = [v if isinstance(v[0], str) else (*v[:4], bool(v[4]), bool(v[5])) for v in GPU_VARIANTS]
             dec.precompile(variants, launch.cuda_arch(torch.device("cuda")))
             stamp.touch()
 
@@ -649,6 +666,40 @@ def test_paged_kernel_matches_contiguous(head_dim, dtype, num_splits, gpu_kernel
         num_splits=num_splits,
     )
     assert_kernel_matches(out, lse, q, hist_k, hist_v, window_size=(700, 0), causal=True)
+    for s in range(b):  # the appended keys landed in the sequence's own pages
+        pos = torch.arange(lens[s] + 2)
+        rows = table[s].long().cpu()[pos // page] * page + pos % page
+        assert torch.equal(kp.cpu().reshape(-1, hk, head_dim)[rows], hist_k[s])
+        assert torch.equal(vp.cpu().reshape(-1, hk, head_dim)[rows], hist_v[s])
+
+
+@gpu
+@pytest.mark.gpu
+def test_append_outside_the_cache_is_an_error(gpu_kernels, tmp_path):
+    """A position past a contiguous cache's capacity stops the append kernel (a trap, an
+    error at the next sync, as an out-of-range index_copy_ gives), never a write elsewhere.
+    In a child process: a trap ends the CUDA context of the process it happens in."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "overflow.py"
+    script.write_text(
+        "import torch\n"
+        "from swattn.decode import flash_attn_with_kvcache\n"
+        "kc = torch.zeros(1, 64, 2, 64, device='cuda', dtype=torch.float16)\n"
+        "vc = torch.zeros_like(kc)\n"
+        "q = torch.randn(1, 2, 4, 64, device='cuda', dtype=torch.float16)\n"
+        "k = torch.randn(1, 2, 2, 64, device='cuda', dtype=torch.float16)\n"
+        "seqlens = torch.tensor([63], dtype=torch.int32, device='cuda')\n"
+        "flash_attn_with_kvcache(q, kc, vc, k, k, seqlens, causal=True)\n"
+        "torch.cuda.synchronize()\n"
+        "print('NO ERROR')\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode != 0 and "NO ERROR" not in run.stdout, run.stdout + run.stderr[-2000:]
 
 
 @gpu

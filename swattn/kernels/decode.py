@@ -237,11 +237,63 @@ def make_decode(
 
 
 @functools.cache
-def make_combine(head_dim: int, dtype: str, sinks: bool = False):
+def make_append(head_dim: int, dtype: str, layout: str = "contiguous"):
+    """Kernel factory: write this call's new keys and values KN, VN (batch, n_new,
+    kv_heads, head_dim) into the caches K, V at positions CL[b] .. CL[b] + n_new - 1
+    of each sequence, where ``make_decode``'s ``layout`` reads them; in place. One
+    launch for both tensors, a CTA per (new token, kv head, batch): a decode step at
+    batch 1 is launch-bound, and the eager twin (``decode.append_``) spends about ten
+    launches on the index arithmetic and the two copies. A position outside the cache
+    (a contiguous cache's capacity, a page past the block table or outside the pool)
+    stops the kernel with a trap: an error at the next synchronisation, as an
+    out-of-range ``index_copy_`` gives, never a write elsewhere."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    batch, n_new, kv_heads = T.dynamic("batch"), T.dynamic("n_new"), T.dynamic("kv_heads")
+    kv_rows, kv_slots = T.dynamic("kv_rows"), T.dynamic("kv_slots")
+    bt_rows, bt_cols = T.dynamic("bt_rows"), T.dynamic("bt_cols")
+    div, mod = tir.truncdiv, tir.truncmod
+
+    @T.prim_func
+    def append(
+        KN: T.Tensor((batch, n_new, kv_heads, head_dim), dtype),
+        VN: T.Tensor((batch, n_new, kv_heads, head_dim), dtype),
+        CL: T.Tensor((batch,), "int32"),
+        BT: T.Tensor((bt_rows, bt_cols), "int32"),
+        K: T.Tensor((kv_rows, kv_slots, kv_heads, head_dim), dtype),
+        V: T.Tensor((kv_rows, kv_slots, kv_heads, head_dim), dtype),
+    ):
+        with T.Kernel(n_new, kv_heads, batch, threads=min(head_dim, 128)) as (i, h, b):
+            pos = CL[b] + i
+            page = T.alloc_var("int32", init=b)
+            slot = T.alloc_var("int32", init=pos)
+            inside = T.alloc_var("bool", init=pos >= 0)
+            if layout == "paged":
+                inside = inside and div(pos, kv_slots) < bt_cols
+                page = BT[b, T.min(div(T.max(pos, 0), kv_slots), bt_cols - 1)]
+                slot = mod(pos, kv_slots)
+                inside = inside and page >= 0 and page < kv_rows
+            elif layout == "ring":
+                slot = mod(pos, kv_slots)
+            else:
+                inside = inside and pos < kv_slots
+            if not inside:
+                T.call_extern("void", "__trap")
+            for d in T.Parallel(head_dim):
+                K[page, slot, h, d] = KN[b, i, h, d]
+                V[page, slot, h, d] = VN[b, i, h, d]
+
+    return append
+
+
+@functools.cache
+def make_combine(head_dim: int, dtype: str, sinks: bool = False, max_splits: int = 64):
     """Merge split-KV partials by log-sum-exp: out = sum_s 2^(lse_s - lse) out_s with
     lse = log sum_s e^lse_s (+ e^sink), natural-log units in and out. One CTA per
     (query, q head, batch), a thread per output element (up to 128); a row whose
-    partials are all empty (and no sink) gets out 0 and lse -inf."""
+    partials are all empty (and no sink) gets out 0 and lse -inf. ``max_splits``:
+    the most partials a launch may pass (compiled in: the weights live in shared
+    memory)."""
     threads = min(head_dim, 128)
     accum = "float32"
     neg_inf = -T.infinity(accum)
@@ -257,26 +309,35 @@ def make_combine(head_dim: int, dtype: str, sinks: bool = False):
         LSE: T.Tensor((batch, q_heads, q_len), accum),
     ):
         with T.Kernel(q_len, q_heads, batch, threads=threads) as (i, h, b):
+            lse_s = T.alloc_shared((max_splits,), accum)
+            w_s = T.alloc_shared((max_splits,), accum)
             acc = T.alloc_fragment((head_dim,), accum)
             top = T.alloc_var(accum, init=neg_inf)
             total = T.alloc_var(accum, init=0)
             lse2 = T.alloc_var(accum)
+            # The partials' lse in one parallel load (a thread each) into shared memory:
+            # the serial loops below then wait on shared memory, not on one global
+            # round trip per split (this kernel is latency-bound: a few KiB per CTA).
+            for sp in T.Parallel(max_splits):
+                lse_s[sp] = T.if_then_else(sp < num_splits, LP[sp, b, h, i] * LOG2E, neg_inf)
             for sp in T.serial(num_splits):
-                top = T.max(top, LP[sp, b, h, i] * LOG2E)
+                top = T.max(top, lse_s[sp])
             if sinks:
                 top = T.max(top, SINK[h] * LOG2E)
             # -inf max (every partial empty): exponentiate against 0, not -inf.
             top = T.if_then_else(top == neg_inf, 0, top)
             for sp in T.serial(num_splits):
-                total += T.exp2(LP[sp, b, h, i] * LOG2E - top)
+                total += T.exp2(lse_s[sp] - top)
             if sinks:
                 total += T.exp2(SINK[h] * LOG2E - top)
             lse2 = T.if_then_else(total > 0, top + T.log2(total), neg_inf)
+            # An empty partial (lse -inf) has weight 0 (and out 0).
+            for sp in T.Parallel(max_splits):
+                w_s[sp] = T.if_then_else(total > 0, T.exp2(lse_s[sp] - lse2), 0)
             T.fill(acc, 0)
             for sp in T.serial(num_splits):
                 for d in T.Parallel(head_dim):
-                    # An empty partial (lse -inf) has weight 0 and out 0.
-                    acc[d] += T.if_then_else(total > 0, T.exp2(LP[sp, b, h, i] * LOG2E - lse2), 0) * OP[sp, b, i, h, d]
+                    acc[d] += w_s[sp] * OP[sp, b, i, h, d]
             for d in T.Parallel(head_dim):
                 O[b, i, h, d] = acc[d]
             LSE[b, h, i] = lse2 * LN2
