@@ -16,6 +16,7 @@ Implementations per shape (all bfloat16):
   swattn ring     SlidingWindowKVCache: W - 1 + q_len slots (rounded up to 128) per sequence
   swattn paged    the contiguous cache as pages of 256 tokens in a shuffled order
   swattn +append  swattn with this step's q_len new keys written first (the full decode step)
+  swattn s=N      swattn with num_splits=N instead of the heuristic's choice (``--splits N ...``)
   fa4             flash_attn.cute's flash_attn_varlen_func(q, k_cache, v_cache, seqused_k=...,
                   window_size=(W - 1, 0)), when it imports (offline: ../shared/tools/offline-fa4.sh)
   sdpa            F.scaled_dot_product_attention on the window's slice of the cache, GQA heads
@@ -155,7 +156,7 @@ def fa4_fn():
     return flash_attn_varlen_func
 
 
-def bench_shape(shape: tuple, bw: float, peers: set[str], log) -> list[dict]:
+def bench_shape(shape: tuple, bw: float, peers: set[str], log, splits=()) -> list[dict]:
     b, hq, hk, d, w, cache, sq = shape
     left = w - 1
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -189,6 +190,16 @@ def bench_shape(shape: tuple, bw: float, peers: set[str], log) -> list[dict]:
         ],
         full_mib,
     )
+    for n in splits:  # the split count fixed instead of the heuristic's (``--splits``)
+        impls[f"swattn s={n}"] = (
+            [
+                lambda s=s, n=n: flash_attn_with_kvcache(
+                    q, kc, vc, cache_seqlens=s, window_size=window, causal=True, num_splits=n
+                )
+                for s in seqlens
+            ],
+            full_mib,
+        )
     # The ring: W - 1 + q_len slots, rotated over copies until they exceed L2.
     ring = SlidingWindowKVCache(b, left, sq, hk, d, DTYPE, "cuda")
     ring_rot = max(1, min(MAX_ROTATIONS, -(-L2_FLUSH_BYTES // ring.nbytes)))
@@ -317,6 +328,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "results"), help="folder for bench_decode.json")
     p.add_argument("--peers", default="fa4,sdpa", help="comma-separated peers: fa4, sdpa (or none)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    p.add_argument("--splits", type=int, nargs="*", default=[], help="extra swattn rows at these num_splits")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_decode.py needs a CUDA GPU.")
@@ -339,7 +351,7 @@ def main() -> None:
     }
     rows = []
     for done, shape in enumerate(shapes, 1):
-        rows += bench_shape(shape, bw, set(args.peers.split(",")), lambda s: print(s, flush=True))
+        rows += bench_shape(shape, bw, set(args.peers.split(",")), lambda s: print(s, flush=True), args.splits)
         # Written after every shape: a run cut short by a time limit keeps what it measured.
         meta |= {"seconds": time.perf_counter() - t0, "shapes_done": f"{done} of {len(shapes)}"}
         (out / "bench_decode.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -48,7 +48,7 @@ def visible_pairs(lq: int, lk: int, left: int, right: int) -> int:
     return int(torch.clamp(hi - lo + 1, min=0).sum())
 
 
-def make_row(row: dict, dtype, backward: bool):
+def make_row(row: dict, dtype, backward: bool, impls=("swattn", "fa4")):
     """(calls by implementation, FLOPs, bytes) for one row."""
     g = torch.Generator(device="cuda").manual_seed(0)
     hq, hk, d = row["q_heads"], row["kv_heads"], row["head_dim"]
@@ -73,7 +73,7 @@ def make_row(row: dict, dtype, backward: bool):
         calls["swattn"] = lambda: swattn.flash_attn_varlen_func(q, k, v, cu, cu, m, m, sinks=sinks, **kw)
     else:
         calls["swattn"] = lambda: swattn.flash_attn_func(q, k, v, sinks=sinks, **kw)
-    peer = fa4()
+    peer = fa4() if "fa4" in impls else None
     if peer is not None:
         fa4_ws = tuple(None if w < 0 else w for w in ws)
         fkw = dict(causal=ws[1] == 0, window_size=fa4_ws, softcap=cap, learnable_sink=sinks)
@@ -122,6 +122,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="*")
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--profile", action="store_true", help="per-kernel GPU times a call (torch.profiler), no table")
+    p.add_argument("--impls", default="swattn,fa4", help="comma-separated: swattn, fa4")
     args = p.parse_args()
     peaks = card_peaks()
     rows = [CONFIG["rows"][i] for i in args.rows] if args.rows else CONFIG["rows"]
@@ -131,7 +132,8 @@ def main() -> None:
     path = Path(args.out) / "bench_features.json"
     for backward in (False, True):
         for row in rows:
-            calls, leaves, flops, bytes_ = make_row(row, torch.bfloat16, backward)
+            calls, leaves, flops, bytes_ = make_row(row, torch.bfloat16, backward, args.impls.split(","))
+            calls = {n: f for n, f in calls.items() if n in args.impls.split(",")}
             floor = max(flops / (peaks["fp16_tflops"] * 1e12), bytes_ / (peaks["bandwidth_gbps"] * 1e9)) * 1e6
             if args.profile:
                 for name, fn in calls.items():
