@@ -33,7 +33,7 @@ HEAD_DIMS = (64, 128)  # every kernel; the FlashAttention-style ones also 256 (P
 PADDED_HEAD_DIMS = (64, 128, 256)  # other multiples of 8 are zero-padded up to the next
 TILES = json.loads(resources.files(__package__).joinpath("tiles.json").read_text())
 FWD_FIELDS = ("block_m", "block_n", "threads", "num_stages", "occupancy")
-BWD_FIELDS = FWD_FIELDS + ("dq_tma",)
+BWD_FIELDS = FWD_FIELDS + ("dq_tma", "kv_ss")
 PASS_CONFIGS = {"tl.enable_fast_math": True}
 
 
@@ -316,6 +316,19 @@ def flash_backward(
     d = q.shape[-1]
     dp = padded_head_dim(d)
     varlen = cu_seqlens_q is not None
+    if not varlen and softcap > 0 and dp == 256:
+        # TileLang 0.1.15 cannot build this tile's softcap kernel without varlen (its
+        # ThreadSync pass: "a shared-memory sync inside a divergent region with 219
+        # threads"); the varlen one builds: run the batch as packed equal-length sequences.
+        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+        cu_q = torch.arange(b + 1, device=q.device, dtype=torch.int32) * sq
+        cu_k = torch.arange(b + 1, device=q.device, dtype=torch.int32) * sk
+        flat = [x.reshape(-1, *x.shape[2:]) for x in (dout, q, k, v, out)]
+        lse_p, dlse_p = (None if x is None else x.transpose(0, 1).reshape(x.shape[1], -1) for x in (lse, dlse))
+        dq, dk, dv, dsinks = flash_backward(
+            flat[0], dlse_p, *flat[1:], lse_p, cu_q, cu_k, sinks, left, right, softcap, scale, sq, sk
+        )
+        return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), dsinks
     device = q.device
     qv, kv, vv, lo, hi = _flash_views(*(_padded(x, dp) for x in (q, k, v)), cu_seqlens_q, left, right)
     dov, outv = (_padded(x, dp)[None] if varlen else _padded(x, dp) for x in (dout, out))

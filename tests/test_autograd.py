@@ -138,7 +138,7 @@ def test_torch_compile_sees_one_opaque_op():
 def test_backward_compiles_sm90a(head_dim, dtype, adaptive, kv_grads):
     source = launch.compiled_backward(head_dim, dtype, "sm_90a", None, adaptive, kv_grads).get_kernel_source()
     # dQ leaves each tile by the path its tile config names (swattn/tiles.json).
-    _, _, threads, _, occupancy, dq_tma = launch.tile_config(head_dim, "sm_90a", "backward")
+    _, _, threads, _, occupancy, dq_tma, _ = launch.tile_config(head_dim, "sm_90a", "backward")
     assert ("tma_store_add" if dq_tma else "AtomicAdd") in source
     # The loop's producer has as many threads as the consumers; without the register
     # split the consumers keep the launch's share and spill (ptxas: 1.4 KB at D = 128).

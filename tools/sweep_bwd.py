@@ -21,18 +21,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from sweep_common import bench_shapes, check_and_time, compile_all, random_qkv, shape_label  # noqa: E402  (tools/ is on sys.path as the script's folder)
 
-# (block_m, block_n, threads, num_stages, CTAs per SM, dQ by TMA reduce-add), or
-# None = backward's shipped tile (swattn/tiles.json). Session 4 (H200) settled
-# the lse/delta staging (now always on) and dQ by TMA (D = 64 only).
+# (block_m, block_n, threads, num_stages, CTAs per SM, dQ by TMA reduce-add, dV/dK
+# GEMMs from shared memory), or None = backward's shipped tile (swattn/tiles.json).
+# Session 4 (H200) settled the lse/delta staging (now always on) and dQ by TMA
+# (D = 64 only); session 10 the shared-memory dV/dK GEMMs at D = 256 (tools/time_d256.py).
 VARIANTS = [
     None,
-    (64, 64, 128, 2, 2, False),
-    (64, 64, 128, 2, 2, True),
+    (64, 64, 128, 2, 2, False, False),
+    (64, 64, 128, 2, 2, True, False),
     # Session 5: 128-key tiles over two consumer warpgroups (each owns 64 keys'
     # dK and dV), one CTA per SM, so dQ's TMA tile fits at D = 128 as well.
-    (64, 128, 256, 2, 1, True),
-    (64, 128, 256, 2, 1, False),
-    (64, 128, 256, 3, 1, True),
+    (64, 128, 256, 2, 1, True, False),
+    (64, 128, 256, 2, 1, False, False),
+    (64, 128, 256, 3, 1, True, False),
+    (64, 128, 256, 2, 1, True, True),
 ]
 
 
@@ -67,7 +69,7 @@ def main() -> None:
 
     dt = getattr(torch, args.dtype)
     lines = [
-        "| shape | window | tile (bm, bn, thr, stages, CTAs/SM, dQ by TMA) | us | err vs row 1 |",
+        "| shape | window | tile (bm, bn, thr, stages, CTAs/SM, dQ by TMA, dV/dK SS) | us | err vs row 1 |",
         "|---|---|---|---:|---:|",
     ]
     for sh in shapes:

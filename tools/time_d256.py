@@ -13,20 +13,17 @@ Each candidate's dq, dk, dv are compared with the shipped tile's (relative Frobe
 candidates above --tol are flagged BAD and not timed). Then triton.testing.do_bench times
 forward, backward (autograd.grad with retain_graph) and forward+backward.
 
-Candidates: named in CANDIDATES, name -> (tile, kv_ss); tile = (block_m, block_n, threads,
-num_stages, occupancy, dq_tma); or given with --tiles "64,64,128,1,1,1;64,64,256,1,1,0:ss".
-kv_ss = True runs a variant of the repository's backward kernel built here at run time
-(``kv_ss_module``: the repo's kernels/backward.py with three textual edits, nothing on disk
-changes): P^T and dS^T go through shared memory and the dV/dK GEMMs read them from there
-(wgmma SS) instead of from registers (RS). With the RS form every consumer warpgroup must
-hold the whole A operand (block_n rows), so two warpgroups at block_n = 64 hit TileLang's
-"Layout infer conflict between st and pt_cast" and the only D = 256 tiles that compile put
-2 x 64 x 256 float32 dK/dV accumulators on 128 threads (256 registers each: spills). With SS
-the two warpgroups split dK/dV by columns (64 x 128 each, 128 registers per thread) and
-ptxas reports no spill (sm_90a, tile 64,64,256: softcap off; softcap on with varlen). Caveat: the
-non-varlen softcap build of that tile fails in TileLang 0.1.15's ThreadSync pass ("shared-memory
-sync inside a divergent region with 219 participating threads"); use --via-varlen to time the
-softcap case through the varlen kernels (B packed sequences; shipped tile likewise). Compiles are slow
+Candidates: named in CANDIDATES, name -> tile = (block_m, block_n, threads, num_stages,
+occupancy, dq_tma, kv_ss) (tiles.json's fields; None: the shipped tile), or given with --tiles
+"64,64,128,1,1,1,0;64,64,256,1,1,0,1". kv_ss = 1: P^T and dS^T through shared memory for the
+dV/dK GEMMs (wgmma SS; kernels/backward.py), which lets two warpgroups split dK/dV by columns
+without a spill; kv_ss = 0: the register (RS) form, whose D = 256 tiles all spill (one
+warpgroup holds 2 x 64 x 256 float32 accumulators). The shipped D = 256 tile is the SS one with
+the dQ TMA reduce-add (64,64,256,1,1,1,1: 2.3x faster than the RS 64,64,128 tile it replaced,
+H200, analysis.md). Caveat: the non-varlen softcap build of the SS tile fails in TileLang
+0.1.15's ThreadSync pass ("shared-memory sync inside a divergent region with 219 participating
+threads"); launch.flash_backward runs that case through the varlen kernels, and so does this
+tool's --via-varlen (B packed sequences; the RS tiles likewise). Compiles are slow
 (30-120 s each); --precompile N compiles them in N processes first (TileLang's disk cache then
 serves the timing process), --compile-only stops after that (to split the work across
 commands that have a 10-minute limit each; keep the machine warm between them so the cache
@@ -45,11 +42,11 @@ import torch
 SHIPPED = "shipped"
 # name -> backward tile (block_m, block_n, threads, num_stages, occupancy, dq_tma); None = tiles.json's.
 CANDIDATES = {
-    SHIPPED: (None, False),  # tiles.json: 64,64,128,1,1,False; 3.1 KB spill stores/thread, wgmma serialized
-    "ss_64x64_2wg": ((64, 64, 256, 1, 1, False), True),  # kv_ss: no spill, 146 KB smem
-    "ss_64x64_2wg_tma": ((64, 64, 256, 1, 1, True), True),  # kv_ss + dQ TMA reduce-add: no spill, 210 KB
-    "ss_64x64_2wg_st2": ((64, 64, 256, 2, 1, False), True),  # kv_ss + double-buffered Q/dO
-    "rs_64x64_tma": ((64, 64, 128, 1, 1, True), False),  # repo kernel, shipped tile + dQ TMA (same spill)
+    SHIPPED: None,  # tiles.json: 64,64,256,1,1,1,1 (SS, dQ TMA)
+    "ss_64x64_2wg": (64, 64, 256, 1, 1, False, True),  # SS, per-element dQ atomics: 146 KB smem
+    "ss_64x64_2wg_st2": (64, 64, 256, 2, 1, True, True),  # SS + double-buffered Q/dO
+    "rs_64x64": (64, 64, 128, 1, 1, False, False),  # the RS tile shipped before (3.1 KB spill/thread)
+    "rs_64x64_tma": (64, 64, 128, 1, 1, True, False),  # RS + dQ TMA (same spill)
 }
 B, S, HQ, HKV, D = 2, 8192, 16, 8, 256
 WINDOW = (4095, 0)
@@ -58,113 +55,37 @@ WINDOW = (4095, 0)
 def parse_tiles(text):
     out = {}
     for part in filter(None, (p.strip() for p in text.split(";"))):
-        part, _, flag = part.partition(":")
-        ss = flag.strip() == "ss"
         f = [int(x) for x in part.split(",")]
-        if len(f) != 6:
-            raise SystemExit(f"a tile has 6 fields (block_m,block_n,threads,num_stages,occupancy,dq_tma): {part}")
-        out[("ss_" if ss else "rs_") + "_".join(map(str, f))] = ((*f[:5], bool(f[5])), ss)
+        if len(f) != 7:
+            raise SystemExit(f"a tile has 7 fields (block_m,block_n,threads,stages,occupancy,dq_tma,kv_ss): {part}")
+        out[("ss_" if f[6] else "rs_") + "_".join(map(str, f))] = (*f[:5], bool(f[5]), bool(f[6]))
     return out
 
 
-_KV_SS = None
-_KV_SS_EDITS = (  # (old, new) on swattn/kernels/backward.py; each must match exactly once
-    (
-        """    softcap: bool = False,
-):
-    \"\"\"dQ""",
-        """    softcap: bool = False,
-    kv_ss: bool = True,
-):
-    \"\"\"dQ""",
-    ),
-    (
-        """            ds_s = T.alloc_shared((block_n, block_m), dtype)
-""",
-        """            ds_s = T.alloc_shared((block_n, block_m), dtype)
-            p_s = T.alloc_shared((block_n, block_m), dtype) if kv_ss else None
-""",
-    ),
-    (
-        """                T.copy(st, pt_cast)
-                T.gemm(pt_cast, do_s, dv, policy=T.GemmWarpPolicy.FullRow)""",
-        """                if kv_ss:
-                    T.copy(st, p_s)
-                    T.gemm(p_s, do_s, dv, policy=T.GemmWarpPolicy.FullRow)
-                else:
-                    T.copy(st, pt_cast)
-                    T.gemm(pt_cast, do_s, dv, policy=T.GemmWarpPolicy.FullRow)""",
-    ),
-    (
-        """                T.copy(dpt, pt_cast)
-                T.gemm(pt_cast, q_s, dk, policy=T.GemmWarpPolicy.FullRow)
-                T.copy(pt_cast, ds_s)""",
-        """                if kv_ss:
-                    T.copy(dpt, ds_s)
-                    T.gemm(ds_s, q_s, dk, policy=T.GemmWarpPolicy.FullRow)
-                else:
-                    T.copy(dpt, pt_cast)
-                    T.gemm(pt_cast, q_s, dk, policy=T.GemmWarpPolicy.FullRow)
-                    T.copy(pt_cast, ds_s)""",
-    ),
-)
-
-
-def kv_ss_module():
-    """The repo's backward kernel module with the kv_ss edits, as swattn.kernels._backward_kv_ss."""
-    global _KV_SS
-    if _KV_SS is None:
-        from kernel_variant import edited_module
-
-        from swattn.kernels import backward as bwd
-
-        _KV_SS = edited_module(bwd, _KV_SS_EDITS, "swattn.kernels._backward_kv_ss")
-    return _KV_SS
-
-
-_SS_CACHE = {}
-
-
-def compiled_backward_ss(head_dim, dtype, arch, tile, adaptive=False, kv_grads="float32", varlen=False, softcap=False):
-    """launch.compiled_backward for the kv_ss variant (same signature, same kernel ABI)."""
-    from swattn import launch
-
-    key = (head_dim, dtype, arch, tile, adaptive, kv_grads, varlen, softcap)
-    if key not in _SS_CACHE:
-        fn = kv_ss_module().make_backward(head_dim, dtype, arch, tile, adaptive, kv_grads, varlen, softcap, True)
-        _SS_CACHE[key] = launch._compile(fn, arch)
-    return _SS_CACHE[key]
-
-
 def install_override():
-    """Wrap launch.compiled_backward: a tile=None call at head_dim 256 gets state['cand'] =
-    (tile, kv_ss) (tile None: the shipped one)."""
+    """Wrap launch.compiled_backward: a tile=None call at head_dim 256 gets state['cand']
+    (None: the shipped tile)."""
     from swattn import launch
 
     original = launch.compiled_backward
-    state = {"cand": (None, False)}
+    state = {"cand": None}
 
     def compiled_backward(head_dim, dtype, arch, tile=None, *rest):
         if tile is None and head_dim == 256:
-            tile, ss = state["cand"]
-            if ss:
-                return compiled_backward_ss(
-                    head_dim, dtype, arch, tile or launch.tile_config(256, arch, "backward"), *rest
-                )
+            tile = state["cand"]
         return original(head_dim, dtype, arch, tile, *rest)
 
     launch.compiled_backward = compiled_backward
     return state, original
 
 
-def _compile_job(tile, ss, softcap, varlen, arch):
+def _compile_job(tile, softcap, varlen, arch):
     """Compile one backward (runs in a worker process; fills TileLang's disk cache)."""
     from swattn import launch
 
     t0 = time.time()
     try:
-        build = compiled_backward_ss if ss else launch.compiled_backward
-        build(256, "bfloat16", arch, tile, False, "bfloat16", varlen, softcap)
+        launch.compiled_backward(256, "bfloat16", arch, tile, False, "bfloat16", varlen, softcap)
         return tile, softcap, varlen, time.time() - t0, None
     except Exception as e:  # noqa: BLE001
         return tile, softcap, varlen, time.time() - t0, f"{type(e).__name__}: {str(e)[-400:]}"
@@ -174,15 +95,15 @@ def precompile(cands, workers, varlens, arch, softcaps):
     from swattn import launch
 
     jobs = []
-    for name, (tile, ss) in cands.items():
+    for name, tile in cands.items():
         t = launch.tile_config(256, arch, "backward") if tile is None else tile
         for sc in softcaps:
             for vl in varlens:
-                jobs.append((name, t, ss, sc, vl))
+                jobs.append((name, t, sc, vl))
     print(f"precompiling {len(jobs)} backward kernels in {workers} processes ...", flush=True)
     failed = set()
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-        futs = {ex.submit(_compile_job, t, ss, sc, vl, arch): name for name, t, ss, sc, vl in jobs}
+        futs = {ex.submit(_compile_job, t, sc, vl, arch): name for name, t, sc, vl in jobs}
         for fut in cf.as_completed(futs):
             tile, sc, vl, secs, err = fut.result()
             print(
@@ -206,7 +127,7 @@ def window_pairs(s, left, right):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiles", default="", help='extra candidates "bm,bn,thr,stages,occ,dq_tma;..."')
+    ap.add_argument("--tiles", default="", help='extra candidates "bm,bn,thr,stages,occ,dq_tma,kv_ss;..."')
     ap.add_argument("--only", default="", help="comma-separated candidate names to keep (shipped always kept)")
     ap.add_argument("--softcaps", default="0,50")
     ap.add_argument("--precompile", type=int, default=0, help="compile in N processes first (0: lazily)")
@@ -278,8 +199,8 @@ def main():
 
     rows, ref = [], {}
     for cap in softcaps:
-        for name, (tile, ss) in cands.items():
-            state["cand"] = (tile, ss)
+        for name, tile in cands.items():
+            state["cand"] = tile
             label = f"{name} {','.join(str(int(x)) for x in (shipped_tile if tile is None else tile))}"
             if (name, cap > 0) in failed:
                 rows.append((cap, label, [float("nan")] * 3, float("nan"), None, None, None, "FAILED to compile"))

@@ -81,7 +81,7 @@ def make_backward(
     from WIN (heads, seq, 2) and each (kv head, key tile) its query tiles from
     KT (``window.adaptive_key_side_schedule``, merged over the GQA group); the
     scalars left, right are then unused, as WIN and KT are otherwise.
-    ``tile`` = (block_m, block_n, threads, num_stages, occupancy, dq_tma),
+    ``tile`` = (block_m, block_n, threads, num_stages, occupancy, dq_tma, kv_ss),
     from ``launch.tile_config`` (tiles.json, chosen by tools/sweep_bwd.py).
     D = 64: 64x64 tiles, two CTAs per SM (the forward's register split), 1.4-1.6x
     faster than one. D = 128: 64 queries x 128 keys over two consumer warpgroups,
@@ -94,7 +94,13 @@ def make_backward(
     tile through shared memory with one TMA reduce-add (cp.reduce.async.bulk,
     clipped at the sequence end by the hardware) instead of one float32 atomic
     per element: 1.1x at D = 64 and with the 128-key tile at D = 128 (where the
-    64x64 tile's second CTA per SM had no room for its 32 KB).
+    64x64 tile's second CTA per SM had no room for its 32 KB). ``kv_ss``: P^T and
+    dS^T go through shared memory and the dV / dK GEMMs read both operands from
+    there (wgmma SS) instead of P^T, dS^T from registers (RS). With RS every
+    consumer warpgroup holds the whole A operand (block_n rows), so at D = 256 the
+    only tiles that build put 2 x 64 x 256 float32 dK/dV accumulators on one
+    warpgroup (256 registers a thread: spills); with SS two warpgroups split dK/dV
+    by columns (64 x 128 each) without a spill: 2.3x faster at D = 256 (analysis.md).
 
     ``varlen``: packed sequences as in ``forward.make_forward`` (tensors (1, total,
     heads, D), LSE/Delta (1, heads, total_q), CU_Q/CU_K offsets; each sequence's
@@ -104,7 +110,7 @@ def make_backward(
     value (``sm_scale``)."""
     if adaptive and (varlen or softcap):
         raise ValueError("varlen and softcap are not built on adaptive windows")
-    block_m, block_n, threads, num_stages, occupancy, dq_tma = tile
+    block_m, block_n, threads, num_stages, occupancy, dq_tma, kv_ss = tile
     accum = "float32"
     batch, seq_len, kv_len = T.dynamic("batch"), T.dynamic("seq_len"), T.dynamic("kv_len")
     q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
@@ -154,6 +160,7 @@ def make_backward(
             q_s = T.alloc_shared((block_m, head_dim), dtype)
             do_s = T.alloc_shared((block_m, head_dim), dtype)
             ds_s = T.alloc_shared((block_n, block_m), dtype)
+            pt_s = T.alloc_shared((block_n, block_m), dtype) if kv_ss else None
             st = T.alloc_fragment((block_n, block_m), accum)  # S^T, then P^T
             dpt = T.alloc_fragment((block_n, block_m), accum)  # dP^T, then dS^T
             dcap = T.alloc_fragment((block_n, block_m), accum) if softcap else None  # 1 - tanh^2
@@ -257,16 +264,24 @@ def make_backward(
                         st[j, i] = T.Select(seen, p, T.float32(0))
                 T.fill(dpt, 0)
                 T.gemm(v_s, do_s, dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                T.copy(st, pt_cast)
-                T.gemm(pt_cast, do_s, dv, policy=T.GemmWarpPolicy.FullRow)
+                if kv_ss:
+                    T.copy(st, pt_s)
+                    T.gemm(pt_s, do_s, dv, policy=T.GemmWarpPolicy.FullRow)
+                else:
+                    T.copy(st, pt_cast)
+                    T.gemm(pt_cast, do_s, dv, policy=T.GemmWarpPolicy.FullRow)
                 for j, i in T.Parallel(block_n, block_m):
                     ds = st[j, i] * (dpt[j, i] - delta_s[i]) * sm_scale
                     if softcap:
                         ds = ds * dcap[j, i]
                     dpt[j, i] = T.if_then_else(st[j, i] > 0, ds, 0)
-                T.copy(dpt, pt_cast)
-                T.gemm(pt_cast, q_s, dk, policy=T.GemmWarpPolicy.FullRow)
-                T.copy(pt_cast, ds_s)
+                if kv_ss:
+                    T.copy(dpt, ds_s)
+                    T.gemm(ds_s, q_s, dk, policy=T.GemmWarpPolicy.FullRow)
+                else:
+                    T.copy(dpt, pt_cast)
+                    T.gemm(pt_cast, q_s, dk, policy=T.GemmWarpPolicy.FullRow)
+                    T.copy(pt_cast, ds_s)
                 T.fill(dq, 0)
                 T.gemm(ds_s, k_s, dq, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
                 if dq_tma:
