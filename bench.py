@@ -86,6 +86,30 @@ def kernel_us(calls: list, reps: int = 200) -> float:
     return do_bench(graph.replay, warmup=50, rep=300, return_mode="median") * 1e3 / reps
 
 
+def graph_us(fn, leaves=()) -> float:
+    """Median GPU time of ``fn`` replayed from a CUDA graph that holds one call: the
+    number has no host time in it (Python, checks, launches), which an eager
+    do_bench of a call shorter than its host path measures instead. ``leaves``: the
+    tensors whose gradients ``fn`` accumulates (a forward + backward); they are
+    cleared before the capture, so each replay rewrites the same gradient buffers."""
+    from triton.testing import do_bench
+
+    side = torch.cuda.Stream()  # warm up off the capture stream, as torch.cuda.graphs asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for x in leaves:
+                x.grad = None
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    for x in leaves:
+        x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=20, rep=200, return_mode="median") * 1e3
+
+
 def call_us(call, n: int = 300, wait: bool = True) -> float:
     """Time of one call issued back to back, median of 5 runs: with ``wait``, until the GPU is
     done (Python + launch + kernels); without, the host's time only (launches queued)."""

@@ -6,9 +6,11 @@ FlashAttention-4 with the same features, forward and forward + backward.
 Rows (configs/bench_features.json): a gpt-oss layer (sinks, and the same
 without), a Gemma 2 layer (head_dim 256, softcap 50, and the same without), a
 packed batch of 7 sequences through the varlen functions. Times: medians of
-triton.testing.do_bench (inputs made once, gradients cleared between calls);
-a FlashAttention-4 call under ~250 us is host-bound in this harness (its
-Python launch path), so its small rows overstate its time. FLOPs count only
+triton.testing.do_bench (inputs made once, gradients cleared between calls):
+"us" is what an eager caller waits, host path included (a call shorter than its
+Python launch path is host-bound: FA4's forward under ~250 us, and at the
+gpt-oss rows both implementations' forward + backward); with --graph, "graph us"
+replays the call from a CUDA graph: GPU time only. FLOPs count only
 the visible (query, key) pairs; the floor is max(FLOPs / peak, bytes / bandwidth)
 with the card's peaks (bench.card_peaks). FA4 = flash_attn.cute when it imports
 (offline: ../shared/tools/offline-fa4.sh).
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import swattn  # noqa: E402
-from bench import card_peaks, environment  # noqa: E402
+from bench import card_peaks, environment, graph_us  # noqa: E402
 
 CONFIG = json.loads((ROOT / "configs" / "bench_features.json").read_text())
 
@@ -123,6 +125,9 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--profile", action="store_true", help="per-kernel GPU times a call (torch.profiler), no table")
     p.add_argument("--impls", default="swattn,fa4", help="comma-separated: swattn, fa4")
+    p.add_argument(
+        "--graph", action="store_true", help="also time each call replayed from a CUDA graph (GPU time, no host)"
+    )
     args = p.parse_args()
     peaks = card_peaks()
     rows = [CONFIG["rows"][i] for i in args.rows] if args.rows else CONFIG["rows"]
@@ -148,6 +153,12 @@ def main() -> None:
                 except Exception as e:  # a peer that lacks a feature here is reported, not fatal
                     print(f"{row['name']} {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
+                graph = None
+                if args.graph:
+                    try:
+                        graph = graph_us(fn, leaves if backward else ())
+                    except Exception as e:  # a call that cannot be captured: the eager column stands
+                        print(f"{row['name']} {name} graph: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 results.append(
                     dict(
                         row=row["name"],
@@ -157,6 +168,7 @@ def main() -> None:
                         tflops=flops / us / 1e6,
                         pct_floor=100 * floor / us,
                         floor_us=floor,
+                        graph_us=graph,
                     )
                 )
                 print(results[-1], flush=True)
@@ -165,15 +177,17 @@ def main() -> None:
     lines = [
         env,
         "",
-        "| row | pass | impl | us | TFLOP/s | % floor | x vs fa4 |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| row | pass | impl | us | TFLOP/s | % floor | x vs fa4 | graph us | graph x vs fa4 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         other = [x for x in results if x["row"] == r["row"] and x["pass_"] == r["pass_"] and x["impl"] == "fa4"]
         ratio = f"{other[0]['us'] / r['us']:.2f}" if other and r["impl"] == "swattn" else ""
+        g, g_other = r.get("graph_us"), other[0].get("graph_us") if other else None
+        g_ratio = f"{g_other / g:.2f}" if g and g_other and r["impl"] == "swattn" else ""
         lines.append(
             f"| {r['row']} | {r['pass_']} | {r['impl']} | {r['us']:.1f} | {r['tflops']:.0f} | "
-            f"{r['pct_floor']:.0f} | {ratio} |"
+            f"{r['pct_floor']:.0f} | {ratio} | {'-' if g is None else format(g, '.1f')} | {g_ratio} |"
         )
     print("\n".join(lines))
 

@@ -4,6 +4,7 @@ configs/bench_op.json (issue 3): batched, multi-head, GQA, long sequences.
     python benchmarks/bench_op.py                 # every shape, fp16 and bf16
     python benchmarks/bench_op.py --dtypes float16 --out results/op
     python benchmarks/bench_op.py --backward      # forward + backward (backward = 2.5x the forward's FLOPs)
+    python benchmarks/bench_op.py --graph         # each call replayed from a CUDA graph: GPU time, no host
 
 Columns, per shape and dtype (medians of triton.testing.do_bench, inputs made
 once outside the timing):
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))  # the card's bench.py (peaks, environment) and re
 
 import reference as ref  # noqa: E402
 import swattn  # noqa: E402
-from bench import card_peaks, environment  # noqa: E402
+from bench import card_peaks, environment, graph_us  # noqa: E402
 
 CONFIG = json.loads((ROOT / "configs" / "bench_op.json").read_text())
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -99,9 +100,11 @@ def sdpa_impl(sh: dict):
     return run, group
 
 
-def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict, backward: bool = False) -> list[dict]:
+def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict, backward: bool = False, graph: bool = False) -> list[dict]:
     """One row per implementation; ``backward``: time forward + backward (dO given),
-    counting the backward as 2.5x the forward's FLOPs."""
+    counting the backward as 2.5x the forward's FLOPs. ``graph``: time each call
+    replayed from a CUDA graph (GPU time, no host path); an implementation that
+    cannot be captured keeps its eager time, marked in "timing"."""
     from triton.testing import do_bench
 
     b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
@@ -137,7 +140,13 @@ def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict, backward: bool = Fals
         impls = {n: step(f, dout if n in ("swattn", "fa4") else dout.transpose(1, 2)) for n, f in impls.items()}
     rows = []
     for name, fn in impls.items():
+        timing = "eager"
         us = do_bench(fn, warmup=50, rep=200, grad_to_none=leaves if backward else None, return_mode="median") * 1e3
+        if graph:
+            try:
+                us, timing = graph_us(fn, leaves if backward else ()), "graph"
+            except Exception as e:  # noqa: BLE001  (not capturable: the eager time stands)
+                print(f"  {name}: no CUDA graph ({type(e).__name__}: {str(e)[:120]}); eager time", flush=True)
         rows.append(
             {
                 **sh,
@@ -145,6 +154,7 @@ def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict, backward: bool = Fals
                 "impl": name,
                 "pass": "fwd+bwd" if backward else "fwd",
                 "us": us,
+                "timing": timing,
                 "tflops": flops / us / 1e6,
                 "pct_floor": 100 * floor / us,
                 "floor_us": floor,
@@ -223,6 +233,7 @@ def main() -> None:
     p.add_argument("--shapes", type=int, nargs="*", help="indices into configs/bench_op.json's shapes")
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--backward", action="store_true", help="time forward + backward (results/bench_op_bwd.*)")
+    p.add_argument("--graph", action="store_true", help="time calls replayed from CUDA graphs (no host time)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_op.py needs a CUDA GPU.")
@@ -231,7 +242,7 @@ def main() -> None:
     rows = []
     for sh in shapes:
         for dt in args.dtypes:
-            new = bench_shape(sh, DTYPES[dt], peaks, args.backward)
+            new = bench_shape(sh, DTYPES[dt], peaks, args.backward, args.graph)
             rows += new
             print("\n".join(table(new).splitlines()[2:]), flush=True)
     out = Path(args.out)
