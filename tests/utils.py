@@ -17,9 +17,13 @@ def rand(*shape, dtype=torch.float64, device="cpu", seed: int = 0, scale: float 
 
 
 def case_ids(cases, names: str) -> list[str]:
-    """Ids for tuples of case fields named by ``names`` (space-separated), e.g. 'b2 hq4 hk2 s1000 w(128, 128)'."""
+    """Ids for tuples of case fields named by ``names`` (space-separated), e.g. 'b2 hq4 hk2 s1000 w(128, 128)';
+    a field named "_" is left out. Every id must be the same in every process: pytest-xdist's workers
+    each collect the tests and refuse to run when their ids differ (a function's repr holds its address)."""
     keys = names.split()
-    return [" ".join(f"{k}{v}" for k, v in zip(keys, c, strict=False)) for c in cases]
+    ids = [" ".join(f"{k}{v}" for k, v in zip(keys, c, strict=False) if k != "_") for c in cases]
+    assert not any(" at 0x" in i for i in ids), f"an id holds an object's address: {ids}"
+    return ids
 
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int32": torch.int32}
