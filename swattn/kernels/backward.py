@@ -58,6 +58,15 @@ def make_preprocess(head_dim: int, dtype: str):
     return preprocess
 
 
+@T.macro
+def cast_gemm(src, a, b_s, acc):
+    """acc += src . b_s with the float32 fragment ``src`` cast to the input dtype into
+    ``a``: a shared buffer (the GEMM reads both operands from shared memory, wgmma SS)
+    or a register fragment (RS)."""
+    T.copy(src, a)
+    T.gemm(a, b_s, acc, policy=T.GemmWarpPolicy.FullRow)
+
+
 @functools.cache
 def make_backward(
     head_dim: int,
@@ -264,24 +273,15 @@ def make_backward(
                         st[j, i] = T.Select(seen, p, T.float32(0))
                 T.fill(dpt, 0)
                 T.gemm(v_s, do_s, dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                if kv_ss:
-                    T.copy(st, pt_s)
-                    T.gemm(pt_s, do_s, dv, policy=T.GemmWarpPolicy.FullRow)
-                else:
-                    T.copy(st, pt_cast)
-                    T.gemm(pt_cast, do_s, dv, policy=T.GemmWarpPolicy.FullRow)
+                cast_gemm(st, pt_s if kv_ss else pt_cast, do_s, dv)  # dV += P^T dO
                 for j, i in T.Parallel(block_n, block_m):
                     ds = st[j, i] * (dpt[j, i] - delta_s[i]) * sm_scale
                     if softcap:
                         ds = ds * dcap[j, i]
                     dpt[j, i] = T.if_then_else(st[j, i] > 0, ds, 0)
-                if kv_ss:
-                    T.copy(dpt, ds_s)
-                    T.gemm(ds_s, q_s, dk, policy=T.GemmWarpPolicy.FullRow)
-                else:
-                    T.copy(dpt, pt_cast)
-                    T.gemm(pt_cast, q_s, dk, policy=T.GemmWarpPolicy.FullRow)
-                    T.copy(pt_cast, ds_s)
+                cast_gemm(dpt, ds_s if kv_ss else pt_cast, q_s, dk)  # dK += dS^T Q
+                if not kv_ss:
+                    T.copy(pt_cast, ds_s)  # dQ's GEMM reads dS^T from shared memory
                 T.fill(dq, 0)
                 T.gemm(ds_s, k_s, dq, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
                 if dq_tma:
