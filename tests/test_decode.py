@@ -347,7 +347,7 @@ def stand_ins(monkeypatch):
         return made["decode"][-1]
 
     def combine(head_dim, dtype, arch, sinks):
-        made["combine"].append(StandIn(kernels.make_combine(head_dim, dtype, sinks), (3, 4)))
+        made["combine"].append(StandIn(kernels.make_combine(head_dim, dtype, sinks, dec.MAX_SPLITS), (3, 4)))
         return made["combine"][-1]
 
     def append(head_dim, dtype, arch, layout):

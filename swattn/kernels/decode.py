@@ -287,7 +287,7 @@ def make_append(head_dim: int, dtype: str, layout: str = "contiguous"):
 
 
 @functools.cache
-def make_combine(head_dim: int, dtype: str, sinks: bool = False, max_splits: int = 64):
+def make_combine(head_dim: int, dtype: str, sinks: bool, max_splits: int):
     """Merge split-KV partials by log-sum-exp: out = sum_s 2^(lse_s - lse) out_s with
     lse = log sum_s e^lse_s (+ e^sink), natural-log units in and out. One CTA per
     (query, q head, batch), a thread per output element (up to 128); a row whose
