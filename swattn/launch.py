@@ -162,14 +162,15 @@ def forward(
     return out, lse
 
 
-def preprocess(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
-    """delta = rowsum(dout * out), (batch, heads, seq) float32, by one pass of the
-    preprocess kernel over out and dout in their own dtype."""
+def preprocess(out: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None) -> torch.Tensor:
+    """delta = rowsum(dout * out) - dlse, (batch, heads, seq) float32 contiguous, by one
+    pass of the preprocess kernel over out and dout in their own dtype (``dlse``, the
+    gradient reaching lse, subtracted after it)."""
     b, s, h, d = out.shape
     delta = torch.empty(b, h, s, device=out.device, dtype=torch.float32)
     kernel = compiled_preprocess(d, DTYPES[out.dtype], cuda_arch(out.device))
     kernel(out.contiguous(), dout.to(out.dtype).contiguous(), delta)
-    return delta
+    return delta if dlse is None else (delta - dlse.float()).contiguous()
 
 
 def backward(
@@ -333,9 +334,7 @@ def flash_backward(
     qv, kv, vv, lo, hi = _flash_views(*(_padded(x, dp) for x in (q, k, v)), cu_seqlens_q, left, right)
     dov, outv = (_padded(x, dp)[None] if varlen else _padded(x, dp) for x in (dout, out))
     lsev = lse[None] if varlen else lse
-    delta = preprocess(outv, dov)
-    if dlse is not None:
-        delta = delta - (dlse[None] if varlen else dlse).float()
+    delta = preprocess(outv, dov, dlse[None] if varlen and dlse is not None else dlse)
     dq = torch.zeros(qv.shape, device=device, dtype=torch.float32)
     dk, dv = torch.empty_like(kv), torch.empty_like(vv)
     win, kt, cu, _ = placeholders(device)
@@ -344,7 +343,7 @@ def flash_backward(
     )
     sk = kv.shape[1]
     kernel(
-        qv, kv, vv, dov.contiguous(), lsev.float().contiguous(), delta.contiguous(), dq, dk, dv, win, kt,
+        qv, kv, vv, dov.contiguous(), lsev.float().contiguous(), delta, dq, dk, dv, win, kt,
         cu_seqlens_q if varlen else cu,
         cu_seqlens_k if varlen else cu,
         lo, hi, 0, kv.shape[2], qv.shape[1], sk, 1, max_seqlen_k if varlen else 0, scale, float(softcap),

@@ -27,8 +27,7 @@ def output_delta(dout: torch.Tensor, out: torch.Tensor, dlse: torch.Tensor | Non
     their own dtype (an eager float32 product and sum would write and read them
     again in float32: ~3.5 GB at 131072 tokens, 32 heads of 128); the eager twin elsewhere."""
     if launch.on_gpu(out) and out.dtype in launch.DTYPES and out.shape[3] in launch.HEAD_DIMS:
-        delta = launch.preprocess(out, dout)
-        return (delta if dlse is None else delta - dlse.float()).contiguous()
+        return launch.preprocess(out, dout, dlse)
     return eager.output_delta(dout, out, dlse)
 
 
