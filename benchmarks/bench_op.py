@@ -100,11 +100,15 @@ def sdpa_impl(sh: dict):
     return run, group
 
 
-def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict, backward: bool = False, graph: bool = False) -> list[dict]:
+def bench_shape(
+    sh: dict, dtype: torch.dtype, peaks: dict, backward: bool = False, graph: bool = False, only=None
+) -> list[dict]:
     """One row per implementation; ``backward``: time forward + backward (dO given),
     counting the backward as 2.5x the forward's FLOPs. ``graph``: time each call
     replayed from a CUDA graph (GPU time, no host path); an implementation that
-    cannot be captured keeps its eager time, marked in "timing"."""
+    cannot be captured keeps its eager time, marked in "timing". ``only``: the
+    implementations to time (names' first words; None: all). The "x vs" column is
+    against flex when it is timed, else FA4."""
     from triton.testing import do_bench
 
     b, s, hq, hk, d = sh["batch"], sh["seq"], sh["q_heads"], sh["kv_heads"], sh["head_dim"]
@@ -124,7 +128,16 @@ def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict, backward: bool = Fals
     fa4 = fa4_impl(sh)
     if fa4 is not None:
         impls["fa4"] = lambda: fa4(q, k, v)
-    err = ref.rel_err(impls["swattn"]().transpose(1, 2), impls["flex"]())
+    if only:
+        impls = {n: f for n, f in impls.items() if n.split()[0] in only}
+    # a sanity column against flex (FA4 when flex is not timed: compiling flex takes a while)
+    if "flex" in impls or "fa4" not in impls:
+        err, err_key = (
+            ref.rel_err(swattn.sliding_window_attention(q, k, v, window).transpose(1, 2), flex(qt, kt, vt)),
+            "err_vs_flex",
+        )
+    else:
+        err, err_key = ref.rel_err(swattn.sliding_window_attention(q, k, v, window), fa4(q, k, v)), "err_vs_fa4"
     flops = 4 * b * hq * d * visible_pairs(s, *window) * (3.5 if backward else 1)
     floor = floor_us(sh, flops, peaks, passes=3 if backward else 1)
     leaves = [q, k, v, qt, kt, vt, kr, vr]  # SDPA's repeated K/V too, or it would skip their gradients
@@ -158,25 +171,26 @@ def bench_shape(sh: dict, dtype: torch.dtype, peaks: dict, backward: bool = Fals
                 "tflops": flops / us / 1e6,
                 "pct_floor": 100 * floor / us,
                 "floor_us": floor,
-                "err_vs_flex": err,
+                err_key: err,
             }
         )
-    flex_us = next(r["us"] for r in rows if r["impl"] == "flex")
+    by_name = {r["impl"]: r for r in rows}
+    base = by_name.get("flex") or by_name.get("fa4") or rows[0]
     for r in rows:
-        r["x_vs_flex"] = flex_us / r["us"]
+        r["x_vs"], r["base"] = base["us"] / r["us"], base["impl"]
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| B,Hq,Hkv,S,D | (left,right) | dtype | impl | us | TFLOP/s | % floor | x vs flex | floor us |",
+        f"| B,Hq,Hkv,S,D | (left,right) | dtype | impl | us | TFLOP/s | % floor | x vs {rows[0]['base']} | floor us |",
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         shape = f"{r['batch']},{r['q_heads']},{r['kv_heads']},{r['seq']},{r['head_dim']}"
         lines.append(
             f"| {shape} | ({r['left']},{r['right']}) | {r['dtype']} | {r['impl']} | {r['us']:.1f} | "
-            f"{r['tflops']:.0f} | {r['pct_floor']:.0f} | {r['x_vs_flex']:.2f} | {r['floor_us']:.0f} |"
+            f"{r['tflops']:.0f} | {r['pct_floor']:.0f} | {r['x_vs']:.2f} | {r['floor_us']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -234,22 +248,24 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--backward", action="store_true", help="time forward + backward (results/bench_op_bwd.*)")
     p.add_argument("--graph", action="store_true", help="time calls replayed from CUDA graphs (no host time)")
+    p.add_argument("--impls", nargs="*", help="time only these: swattn flex sdpa fa4 (default: all)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_op.py needs a CUDA GPU.")
     peaks = card_peaks()
     shapes = [CONFIG["shapes"][i] for i in args.shapes] if args.shapes else CONFIG["shapes"]
-    rows = []
-    for sh in shapes:
-        for dt in args.dtypes:
-            new = bench_shape(sh, DTYPES[dt], peaks, args.backward, args.graph)
-            rows += new
-            print("\n".join(table(new).splitlines()[2:]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"env": environment(), "date": str(datetime.date.today()), "peaks": peaks, "command": " ".join(sys.argv)}
     stem = "bench_op_bwd" if args.backward else "bench_op"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    rows = []
+    for sh in shapes:
+        for dt in args.dtypes:
+            new = bench_shape(sh, DTYPES[dt], peaks, args.backward, args.graph, args.impls)
+            rows += new
+            print("\n".join(table(new).splitlines()[2:]), flush=True)
+            # after every shape: a call stopped at its time limit keeps what it measured
+            (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     plot(rows, out / f"{stem}.png", torch.cuda.get_device_name())
     print(f"\n{meta['env']} | {meta['date']} | peaks {peaks}")
     print(table(rows))

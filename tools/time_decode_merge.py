@@ -47,6 +47,11 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 # (old, new) on swattn/kernels/decode.py; each must match exactly once.
 EDITS = (
     (
+        "from .common import LN2, LOG2E, consumer_regs, row_keys, row_sees, softmax_step\n",
+        "from .common import LN2, LOG2E, consumer_regs, row_keys, row_sees, softmax_step\n"
+        "MERGE_SPLITS = 64  # swattn.decode.MAX_SPLITS\n",
+    ),
+    (
         '''    sinks: bool = False,
 ):
     """Kernel factory: windowed attention''',
@@ -79,6 +84,12 @@ EDITS = (
                 # Count this CTA's partial once every thread's stores are visible GPU-wide; the
                 # last of the row tile's splits to arrive merges them all and resets the counter.
                 last_s = T.alloc_shared((1,), "int32")
+                lse_m = T.alloc_shared((MERGE_SPLITS,), accum)
+                w_m = T.alloc_shared((MERGE_SPLITS,), accum)
+                acc_m = T.alloc_fragment((head_dim,), accum)
+                top = T.alloc_local((1,), accum)
+                tot = T.alloc_local((1,), accum)
+                lse2 = T.alloc_local((1,), accum)
                 tx = T.get_thread_binding()
                 cnt = (b * kv_heads + kvh) * m_tiles + mt
                 T.call_extern("void", "__threadfence")
@@ -89,37 +100,54 @@ EDITS = (
                 T.sync_threads()
                 if last_s[0] == 1:
                     T.call_extern("void", "__threadfence")
-                    for r in T.Parallel(block_m):
-                        qr = T.min(row0 + r, rows - 1)
-                        i, qh = div(qr, group), kvh * group + mod(qr, group)
-                        m_tile[r] = neg_inf
+                    # Only the tile's valid rows (4 at batch-1 decode of a 4-head group, not
+                    # block_m), a thread per element of D; every split's partial of the row is
+                    # loaded at once (64-way unrolled, predicated): the loads are L2 hits whose
+                    # latency, paid once per split in series, cost ~1 ms in the first version.
+                    for r in T.serial(T.min(block_m, rows - row0)):
+                        i, qh = div(row0 + r, group), kvh * group + mod(row0 + r, group)
+                        for s2 in T.Parallel(MERGE_SPLITS):
+                            ls = LSE[T.min(s2, num_splits - 1), b, qh, i] * LOG2E
+                            lse_m[s2] = T.if_then_else(s2 < num_splits, ls, neg_inf)
+                        top[0] = neg_inf
                         for s2 in T.serial(num_splits):
-                            m_tile[r] = T.max(m_tile[r], LSE[s2, b, qh, i] * LOG2E)
+                            top[0] = T.max(top[0], lse_m[s2])
                         if sinks:
-                            m_tile[r] = T.max(m_tile[r], SINK[qh] * LOG2E)
-                        # -inf max (every partial empty, no sink): exponentiate against 0.
-                        m_safe[r] = T.if_then_else(m_tile[r] == neg_inf, 0, m_tile[r])
-                        l[r] = 0
+                            top[0] = T.max(top[0], SINK[qh] * LOG2E)
+                        top[0] = T.if_then_else(top[0] == neg_inf, 0, top[0])
+                        tot[0] = 0
                         for s2 in T.serial(num_splits):
-                            l[r] += T.exp2(LSE[s2, b, qh, i] * LOG2E - m_safe[r])
+                            tot[0] += T.exp2(lse_m[s2] - top[0])
                         if sinks:
-                            l[r] += T.exp2(SINK[qh] * LOG2E - m_safe[r])
-                        m_tile[r] = T.if_then_else(l[r] > 0, m_safe[r] + T.log2(l[r]), neg_inf)
-                    T.fill(acc, 0)
-                    for s2 in T.serial(num_splits):
-                        for r, d in T.Parallel(block_m, head_dim):
-                            qr = T.min(row0 + r, rows - 1)
-                            i, qh = div(qr, group), kvh * group + mod(qr, group)
-                            w = T.if_then_else(l[r] > 0, T.exp2(LSE[s2, b, qh, i] * LOG2E - m_tile[r]), 0)
-                            acc[r, d] += w * O[s2, b, i, qh, d]
-                    for r, d in T.Parallel(block_m, head_dim):
-                        if row0 + r < rows:
-                            OF[b, div(row0 + r, group), kvh * group + mod(row0 + r, group), d] = acc[r, d]
-                    for r in T.Parallel(block_m):
-                        if row0 + r < rows:
-                            LSEF[b, kvh * group + mod(row0 + r, group), div(row0 + r, group)] = m_tile[r] * LN2
+                            tot[0] += T.exp2(SINK[qh] * LOG2E - top[0])
+                        lse2[0] = T.if_then_else(tot[0] > 0, top[0] + T.log2(tot[0]), neg_inf)
+                        for s2 in T.Parallel(MERGE_SPLITS):
+                            w_m[s2] = T.if_then_else(tot[0] > 0, T.exp2(lse_m[s2] - lse2[0]), 0)
+                        T.fill(acc_m, 0)
+                        for s2 in T.unroll(MERGE_SPLITS):
+                            for d in T.Parallel(head_dim):
+                                acc_m[d] += T.if_then_else(
+                                    s2 < num_splits, w_m[s2] * O[T.min(s2, num_splits - 1), b, i, qh, d], 0
+                                )
+                        for d in T.Parallel(head_dim):
+                            OF[b, i, qh, d] = acc_m[d]
+                        LSEF[b, qh, i] = lse2[0] * LN2
                     if tx == 0:
                         CNT[cnt] = 0
+""",
+    ),
+)
+# The shipped combine kernel with its loop over the partials unrolled to max_splits, each load
+# predicated: every split's partial in flight at once instead of one L2 round trip per split.
+EDITS_COMBINE = (
+    (
+        """            for sp in T.serial(num_splits):
+                for d in T.Parallel(head_dim):
+                    acc[d] += w_s[sp] * OP[sp, b, i, h, d]
+""",
+        """            for sp in T.unroll(max_splits):
+                for d in T.Parallel(head_dim):
+                    acc[d] += T.if_then_else(sp < num_splits, w_s[sp] * OP[T.min(sp, num_splits - 1), b, i, h, d], 0)
 """,
     ),
 )
@@ -133,6 +161,23 @@ def merged_module():
     from swattn.kernels import decode as kernels
 
     return edited_module(kernels, EDITS, "swattn.kernels._decode_merged")
+
+
+@functools.cache
+def unrolled_module():
+    from kernel_variant import edited_module
+
+    from swattn.kernels import decode as kernels
+
+    return edited_module(kernels, EDITS_COMBINE, "swattn.kernels._decode_unrolled")
+
+
+@functools.cache
+def compiled_combine_unrolled(head_dim, dtype, arch, sinks):
+    from swattn import decode as dec
+    from swattn import launch
+
+    return launch._compile(unrolled_module().make_combine(head_dim, dtype, sinks, dec.MAX_SPLITS), arch)
 
 
 @functools.cache
@@ -190,16 +235,21 @@ def decode_merged(*args):
 
 
 ORIGINAL_DECODE = None
+ORIGINAL_COMBINE = None
+IMPLS = ("shipped", "unrolled", "merged")
 
 
-def use(merged: bool) -> None:
-    """Point swattn.decode's launcher at the merged kernel (True) or the shipped one."""
-    global ORIGINAL_DECODE
+def use(impl) -> None:
+    """Point swattn.decode's launcher at an implementation: "shipped", "unrolled" (the combine
+    kernel's loop over splits unrolled) or "merged" (True: no combine kernel)."""
+    global ORIGINAL_DECODE, ORIGINAL_COMBINE
     from swattn import decode as dec
 
+    impl = {True: "merged", False: "shipped"}.get(impl, impl)
     if ORIGINAL_DECODE is None:
-        ORIGINAL_DECODE = dec.decode
-    dec.decode = decode_merged if merged else ORIGINAL_DECODE
+        ORIGINAL_DECODE, ORIGINAL_COMBINE = dec.decode, dec.compiled_combine
+    dec.decode = decode_merged if impl == "merged" else ORIGINAL_DECODE
+    dec.compiled_combine = compiled_combine_unrolled if impl == "unrolled" else ORIGINAL_COMBINE
 
 
 # (batch, cache, q_heads, kv_heads, D, q_len = new, window, splits, sinks, softcap)
@@ -211,7 +261,7 @@ CASES = [
 ]
 
 
-def check(args) -> bool:
+def check(args, impl: str) -> bool:
     import reference as ref
     from swattn import testing
     from swattn.decode import flash_attn_with_kvcache
@@ -246,7 +296,7 @@ def check(args) -> bool:
                 return_lse=True,
             )
             oracle.append((o, l_))
-        use(True)
+        use(impl)
         errs = []
         for _ in range(3):  # the counters must be back at 0 after each call
             kc1, vc1 = kc.clone(), vc.clone()
@@ -269,13 +319,13 @@ def check(args) -> bool:
             use(False)
             kc2, vc2 = kc1.clone(), vc1.clone()
             ref_out, ref_lse = flash_attn_with_kvcache(q, kc2, vc2, None, None, lens_g + sq, **{**kw})
-            use(True)
+            use(impl)
             torch.cuda.synchronize()
             errs.append(max(ref.rel_err(out_g.float(), ref_out.float()), ref.rel_err(lse_g, ref_lse)))
         worst = max(errs)
         good = worst < args.tol and torch.isfinite(torch.tensor(errs)).all()
         ok = ok and bool(good)
-        print(f"case {n} {CASES[n]}: worst rel err {worst:.2e} {'ok' if good else 'FAILED'}", flush=True)
+        print(f"{impl} case {n} {CASES[n]}: worst rel err {worst:.2e} {'ok' if good else 'FAILED'}", flush=True)
     use(False)
     return ok
 
@@ -305,24 +355,42 @@ def shape_calls(b, hq, hk, d, w, cache):
     return attend, step
 
 
-def timing() -> None:
+def kernel_profile(fn, impl: str) -> None:
+    """Each kernel of one call: its name and mean GPU time over 50 calls (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / e.count) for e in prof.key_averages() if e.device_time_total > 0]
+    print(f"  {impl}: " + "; ".join(f"{name[:40]} {t:.1f} us" for name, t in rows), flush=True)
+
+
+def timing(impls) -> None:
     from bench_decode import replay_us
 
     from bench import kernel_us
 
+    print("per-kernel GPU time (profiler), first shape:")
+    attend, step = shape_calls(*SHAPES[0])
+    for impl in impls:
+        use(impl)
+        kernel_profile(step[0], impl)
+    use("shipped")
     print("| B | Hq/Hkv | D | W | impl | us (graph of R) | replay us | +append us | +append replay |")
     print("|---:|---|---:|---:|---|---:|---:|---:|---:|")
     for shape in SHAPES:
         attend, step = shape_calls(*shape)
-        for merged in (False, True):
-            use(merged)
+        for impl in impls:
+            use(impl)
             row = [kernel_us(attend, reps=64), replay_us(attend[0]), kernel_us(step, reps=64), replay_us(step[0])]
             b, hq, hk, d, w, _ = shape
-            label = "merged" if merged else "shipped"
-            print(
-                f"| {b} | {hq}/{hk} | {d} | {w} | {label} | " + " | ".join(f"{x:.1f}" for x in row) + " |", flush=True
-            )
-        use(False)
+            print(f"| {b} | {hq}/{hk} | {d} | {w} | {impl} | " + " | ".join(f"{x:.1f}" for x in row) + " |", flush=True)
+        use("shipped")
 
 
 def main() -> None:
@@ -340,12 +408,12 @@ def main() -> None:
     for v in variants:
         src = compiled_merged(*v[:2], args.arch, *v[2:]).get_kernel_source()
         assert "AtomicAddRet" in src and "__threadfence" in src, "the merge epilogue is missing"
+        compiled_combine_unrolled(v[0], v[1], args.arch, v[5])
         print(f"built D {v[0]} softcap {v[4]} sinks {v[5]}", flush=True)
     if args.compile_only:
         return
-    if not check(args):
-        sys.exit("a check failed: not timed")
-    timing()
+    impls = ["shipped"] + [impl for impl in IMPLS[1:] if check(args, impl)]
+    timing(impls)
 
 
 if __name__ == "__main__":
