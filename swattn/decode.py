@@ -68,24 +68,30 @@ def tile_for(head_dim: int) -> tuple:
 
 
 # ---- compile caches ------------------------------------------------------------
+# Programmatic dependent launch on sm_90+ (kernels/decode.py, pdl_prologue).
+PDL = True
+
+
+def _pdl(arch: str) -> bool:
+    return PDL and int(arch[3:].rstrip("a")) >= 90  # "sm_90a" -> 90
 
 
 @functools.cache
 def compiled_decode(
     head_dim: int, dtype: str, arch: str, tile: tuple, layout: str, split: bool, softcap: bool, sinks: bool
 ):
-    fn = kernels.make_decode(head_dim, dtype, tile, layout, split, softcap, sinks)
+    fn = kernels.make_decode(head_dim, dtype, tile, layout, split, softcap, sinks, _pdl(arch))
     return launch._compile(fn, arch)
 
 
 @functools.cache
 def compiled_combine(head_dim: int, dtype: str, arch: str, sinks: bool):
-    return launch._compile(kernels.make_combine(head_dim, dtype, sinks, MAX_SPLITS), arch)
+    return launch._compile(kernels.make_combine(head_dim, dtype, sinks, MAX_SPLITS, _pdl(arch)), arch)
 
 
 @functools.cache
 def compiled_append(head_dim: int, dtype: str, arch: str, layout: str):
-    return launch._compile(kernels.make_append(head_dim, dtype, layout), arch)
+    return launch._compile(kernels.make_append(head_dim, dtype, layout, _pdl(arch)), arch)
 
 
 def _compile_variant(key: tuple) -> tuple:

@@ -19,6 +19,7 @@ import itertools
 import math
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -504,12 +505,29 @@ def _compiles(head_dim, dtype, layout, split, softcap, sinks):
     src = dec.compiled_decode(head_dim, dtype, "sm_90a", tile, layout, split, softcap, sinks).get_kernel_source()
     assert "tma_load" in src  # K and V tiles by TMA, in the producer warpgroup
     assert f"__launch_bounds__({tile[2] + 128}, {tile[4]})" in src
+    _waits_first(src)
+
+
+def _waits_first(src):
+    """Programmatic dependent launch: the kernel waits for the previous one before it
+    reads any tensor (the first global access comes after the wait)."""
+    head = src[: src.index("cudaGridDependencySynchronize();")]
+    assert "cudaTriggerProgrammaticLaunchCompletion();" in head
+    assert "tma_load" not in head
+    assert not re.search(r"\b(Q|K|V|CL|BT|SINK|OP|LP|KN|VN)\[", head)
+
+
+def test_pdl_only_from_hopper():
+    assert dec._pdl("sm_90a") and dec._pdl("sm_100a")
+    assert not dec._pdl("sm_80") and not dec._pdl("sm_89")
 
 
 def test_compiles_sm90a():
     """The default: one decode variant and one combine (~1 minute on two cores)."""
     _compiles(128, "bfloat16", "contiguous", False, False, False)
-    assert "combine" in dec.compiled_combine(128, "bfloat16", "sm_90a", True).get_kernel_source()
+    src = dec.compiled_combine(128, "bfloat16", "sm_90a", True).get_kernel_source()
+    assert "combine" in src
+    _waits_first(src)
 
 
 @pytest.mark.slow
@@ -544,6 +562,7 @@ def test_append_compiles_sm90a(layout):
     """The append kernel (a few seconds each): a position outside the cache traps."""
     src = dec.compiled_append(128, "bfloat16", "sm_90a", layout).get_kernel_source()
     assert "__trap()" in src and "append" in src
+    _waits_first(src)
 
 
 # ---- GPU -------------------------------------------------------------------------------------------

@@ -13,8 +13,7 @@
 #   d256    the D = 256 backward's tile candidates (tools/time_d256.py: compile, then time)
 #   pipe    the forward with an honoured order/stage schedule (tools/time_pipelined.py)
 #   feat    the model rows' kernel profiles (bench_features.py --profile) and the rows themselves
-#   merge   decode's split kernel merging its own partials (no combine launch): check, then time
-#           (tools/time_decode_merge.py; issue 19's batch-1 goal)
+#   decode  the decode kernel's tiles and programmatic dependent launch (tools/sweep_decode.py)
 # benchmarks/bench_op.py adds a FlashAttention-4 column when flash_attn.cute imports (/tmp/fa4
 # on PYTHONPATH after tilelang's site: bench_op.py's docstring).
 set -uo pipefail
@@ -72,8 +71,8 @@ feat)
   python3 benchmarks/bench_features.py --profile --rows 0 1 2>&1 | grep -v INFO | tee "$OUT/features_profile.log" | grep -v "^ "
   python3 benchmarks/bench_features.py --graph --out "$OUT" 2>&1 | grep -v INFO | tee "$OUT/bench_features.log" | tail -14
   ;;
-merge)
-  timeout 560 python3 tools/time_decode_merge.py 2>&1 | grep -v INFO | tee "$OUT/decode_merge.log" | grep -v "^ "
+decode)
+  timeout 560 python3 tools/sweep_decode.py --profile 2>&1 | grep -v INFO | tee "$OUT/sweep_decode.log" | grep "^|"
   ;;
 profile)
   ncu --clock-control none --profile-from-start off --section SpeedOfLight --section ComputeWorkloadAnalysis \

@@ -35,6 +35,13 @@ VARIANTS = [
     (64, 128, 256, 2, 1, False, False),
     (64, 128, 256, 3, 1, True, False),
     (64, 128, 256, 2, 1, True, True),
+    # Session 12 (H200): the shared-memory dV/dK GEMMs at D = 64 and 128, one stage, and
+    # 128 x 128 over two warpgroups (FlashAttention-3's D = 64 tile).
+    (64, 64, 128, 2, 2, True, True),
+    (64, 128, 256, 1, 1, True, True),
+    (64, 128, 256, 1, 1, True, False),
+    (128, 128, 256, 2, 1, True, True),
+    (128, 128, 256, 1, 1, True, True),
 ]
 
 

@@ -1,9 +1,11 @@
 """What the scripts share: the benchmark shapes, compiling every variant in worker
 processes first (so that TileLang's disk cache serves the timing process), the
-sweeps' check-and-time step, and the host-time probes' timer and profiler."""
+sweeps' check-and-time step, the host-time probes' timer and profiler, and the
+decode tools' rotating-window calls and per-kernel profile."""
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing as mp
 from pathlib import Path
@@ -61,3 +63,39 @@ def check_and_time(call, poisoned: list, outputs: list, base: list | None, warmu
     base = got if base is None else base
     err = max(ref.rel_err(x, y) for x, y in zip(got, base, strict=True))
     return time_us(call, warmup), err, base
+
+
+def decode_calls(b, hq, hk, d, w, cache, **kw):
+    """(attention calls, append + attention calls) of one decode step (one query, bf16,
+    window_size (w - 1, 0), causal), one per rotating window: disjoint windows of the
+    cache whose K/V together exceed L2. ``kw`` goes to flash_attn_with_kvcache."""
+    import torch
+
+    from swattn.decode import flash_attn_with_kvcache
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kc = torch.randn(b, cache, hk, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    vc = torch.randn(kc.shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(b, 1, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    kn, vn = (torch.randn(b, 1, hk, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    lens = [torch.full((b,), cache - r * w, dtype=torch.int32, device="cuda") for r in range(min(32, cache // w))]
+    kw = dict(window_size=(w - 1, 0), causal=True, **kw)
+    attend = [functools.partial(flash_attn_with_kvcache, q, kc, vc, cache_seqlens=s, **kw) for s in lens]
+    step = [functools.partial(flash_attn_with_kvcache, q, kc, vc, kn, vn, s - 1, **kw) for s in lens]
+    return attend, step
+
+
+def kernel_profile(fn, label: str) -> None:
+    """Each kernel of one call: its name and mean GPU time over 50 calls (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / e.count) for e in prof.key_averages() if e.device_time_total > 0]
+    print(f"  {label}: " + "; ".join(f"{name[:40]} {t:.1f} us" for name, t in rows), flush=True)

@@ -53,6 +53,22 @@ import tvm.tirx as tir  # tvm ships inside tilelang; importable once tilelang is
 from .common import LN2, LOG2E, consumer_regs, row_keys, row_sees, softmax_step
 
 LAYOUTS = ("contiguous", "paged", "ring")
+
+
+@T.macro
+def pdl_prologue():
+    """Programmatic dependent launch (sm_90+). A decode step is three short kernels in
+    a row (append, split, combine), and without PDL each one's launch and CTA
+    placement wait for the previous kernel's last CTA to finish. Trigger at once:
+    the next kernel's CTAs are placed as soon as every CTA of this grid has started
+    (so they never take a slot this grid still needs); then wait for the previous
+    kernel's completion and memory before reading anything, since any input (q, the
+    lengths, the cache) may be what it wrote. TileLang launches a kernel holding the
+    wait with the PDL attribute."""
+    T.pdl_trigger()
+    T.pdl_sync()
+
+
 # The producer warpgroup computes each tile's address (the paged one from the block
 # table, in 64-bit): at 24 registers (the forward's) ptxas spilled 4-40 bytes there.
 PRODUCER_REGS = 40
@@ -67,6 +83,7 @@ def make_decode(
     split: bool = False,
     softcap: bool = False,
     sinks: bool = False,
+    pdl: bool = False,
 ):
     """Kernel factory: windowed attention of q_len queries per sequence to a KV cache.
 
@@ -79,6 +96,7 @@ def make_decode(
     (num_splits, batch, q_len, q_heads, D) float32 and LP (num_splits, batch,
     q_heads, q_len) for ``make_combine`` instead of O and LSE (then the sink is
     the combine's). ``softcap`` / ``sinks``: compile the cap and the sink in.
+    ``pdl`` (sm_90+): programmatic dependent launch (``pdl_prologue``).
 
     Run-time scalars: ``group`` (q_heads / kv_heads), ``n_new`` (keys appended by
     this call: L = CL[b] + n_new), ``left``, ``right`` (>= 0), ``scale_log2``
@@ -125,6 +143,8 @@ def make_decode(
         # than the floor division '//' lowers to for a run-time divisor.
         div, mod = tir.truncdiv, tir.truncmod
         with T.Kernel(m_tiles * num_splits, kv_heads, batch, threads=threads) as (bx, kvh, b):
+            if pdl:
+                pdl_prologue()
             if consumer_regs(threads, occupancy, 128, PRODUCER_REGS) < 240:  # TileLang's default does not fit
                 T.annotate_min_blocks_per_sm(occupancy)
                 T.annotate_producer_reg_dealloc(PRODUCER_REGS)
@@ -237,7 +257,7 @@ def make_decode(
 
 
 @functools.cache
-def make_append(head_dim: int, dtype: str, layout: str = "contiguous"):
+def make_append(head_dim: int, dtype: str, layout: str = "contiguous", pdl: bool = False):
     """Kernel factory: write this call's new keys and values KN, VN (batch, n_new,
     kv_heads, head_dim) into the caches K, V at positions CL[b] .. CL[b] + n_new - 1
     of each sequence, where ``make_decode``'s ``layout`` reads them; in place. One
@@ -246,7 +266,8 @@ def make_append(head_dim: int, dtype: str, layout: str = "contiguous"):
     launches on the index arithmetic and the two copies. A position outside the cache
     (a contiguous cache's capacity, a page past the block table or outside the pool)
     stops the kernel with a trap: an error at the next synchronisation, as an
-    out-of-range ``index_copy_`` gives, never a write elsewhere."""
+    out-of-range ``index_copy_`` gives, never a write elsewhere. ``pdl``: as in
+    ``make_decode``."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     batch, n_new, kv_heads = T.dynamic("batch"), T.dynamic("n_new"), T.dynamic("kv_heads")
@@ -264,6 +285,8 @@ def make_append(head_dim: int, dtype: str, layout: str = "contiguous"):
         V: T.Tensor((kv_rows, kv_slots, kv_heads, head_dim), dtype),
     ):
         with T.Kernel(n_new, kv_heads, batch, threads=min(head_dim, 128)) as (i, h, b):
+            if pdl:
+                pdl_prologue()
             pos = CL[b] + i
             page = T.alloc_var("int32", init=b)
             slot = T.alloc_var("int32", init=pos)
@@ -287,13 +310,13 @@ def make_append(head_dim: int, dtype: str, layout: str = "contiguous"):
 
 
 @functools.cache
-def make_combine(head_dim: int, dtype: str, sinks: bool, max_splits: int):
+def make_combine(head_dim: int, dtype: str, sinks: bool, max_splits: int, pdl: bool = False):
     """Merge split-KV partials by log-sum-exp: out = sum_s 2^(lse_s - lse) out_s with
     lse = log sum_s e^lse_s (+ e^sink), natural-log units in and out. One CTA per
     (query, q head, batch), a thread per output element (up to 128); a row whose
     partials are all empty (and no sink) gets out 0 and lse -inf. ``max_splits``:
     the most partials a launch may pass (compiled in: the weights live in shared
-    memory)."""
+    memory). ``pdl``: as in ``make_decode``."""
     threads = min(head_dim, 128)
     accum = "float32"
     neg_inf = -T.infinity(accum)
@@ -309,6 +332,8 @@ def make_combine(head_dim: int, dtype: str, sinks: bool, max_splits: int):
         LSE: T.Tensor((batch, q_heads, q_len), accum),
     ):
         with T.Kernel(q_len, q_heads, batch, threads=threads) as (i, h, b):
+            if pdl:
+                pdl_prologue()
             lse_s = T.alloc_shared((max_splits,), accum)
             w_s = T.alloc_shared((max_splits,), accum)
             acc = T.alloc_fragment((head_dim,), accum)
