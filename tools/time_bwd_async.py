@@ -112,7 +112,7 @@ def main() -> None:
             ("async S, dP", compiled_async(d, "bfloat16", args.arch, tile)),
         ):
 
-            def call(kern=kern):
+            def call(kern=kern, grads=grads, kargs=kargs):
                 grads[0].zero_()  # dQ accumulates
                 kern(*kargs)
 
