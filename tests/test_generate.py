@@ -127,3 +127,23 @@ def test_cuda_bf16_kernels():
         rows = cached[:, n] != full[:, n]
         gap = (top2[:, 0] - top2[:, 1])[rows]
         assert (gap < 2 * tol).all(), f"tokens part at step {n} without a near-tie (float64 top-2 gaps {gap})"
+
+
+def test_hf_example_cpu():
+    """examples/hf_generate.py on the CPU: swattn's tokens equal eager's for Mistral and
+    gpt-oss, and a sliding layer's cache stays W - 1 keys long while a full layer's grows."""
+    spec = importlib.util.spec_from_file_location("swattn_example_hf", ROOT / "examples" / "hf_generate.py")
+    hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hf)
+    from swattn.integrations.transformers import register
+
+    attn = register()
+    for name in ("mistral", "gpt_oss"):
+        short, long = (hf.run(name, n, torch.device("cpu"), torch.float32, attn) for n in (10, 30))
+        if not short:  # this transformers lacks the model
+            continue
+        assert short["match"] and long["match"]
+        kv_bytes = 2 * 2 * hf.COMMON["num_key_value_heads"] * hf.COMMON["head_dim"] * 4  # K + V, batch 2, float32
+        assert short["cache_bytes"][0] == long["cache_bytes"][0] == (hf.COMMON["sliding_window"] - 1) * kv_bytes
+        if name == "gpt_oss":  # layer 1 is full attention: every key stays
+            assert long["cache_bytes"][1] - short["cache_bytes"][1] == 20 * kv_bytes
