@@ -56,6 +56,26 @@ def cache_bytes(cache) -> list[int]:
     return [sum(t.numel() * t.element_size() for t in (layer.keys, layer.values)) for layer in cache.layers]
 
 
+def first_difference(eager, prompt, mask, want, got) -> str:
+    """Where the two token lists first part, and the float32 eager model's logits of both
+    tokens there (same weights, on the CPU, fed the common prefix): a gap far below the
+    16-bit rounding of the logits is a near-tie that either rounding may break."""
+    row, step = next(
+        (r, int((want[r] != got[r]).nonzero()[0])) for r in range(want.shape[0]) if not torch.equal(want[r], got[r])
+    )
+    ids = torch.cat([prompt[row], want[row, :step]])[None]
+    keep = torch.cat([mask[row], torch.ones(step, dtype=mask.dtype)])[None]
+    ref = copy.deepcopy(eager).float().cpu()
+    with torch.no_grad():
+        logits = ref(input_ids=ids, attention_mask=keep).logits[0, -1]
+    a, b = int(want[row, step]), int(got[row, step])
+    return (
+        f"first difference: row {row}, new token {step}: eager {a}, swattn {b}; float32 eager logits "
+        f"{logits[a]:.4f} vs {logits[b]:.4f} (gap {abs(logits[a] - logits[b]):.4f}, "
+        f"largest |logit| {logits.abs().max():.2f})"
+    )
+
+
 def run(name: str, new_tokens: int, device, dtype, attn: str) -> dict:
     cls_name, extra = MODELS[name]
     cls = getattr(transformers, cls_name, None)
@@ -89,6 +109,8 @@ def run(name: str, new_tokens: int, device, dtype, attn: str) -> dict:
         print(f"{impl:>7}: {t.tolist()}")
     same = torch.equal(tokens["eager"], tokens[attn])
     print("match" if same else "MISMATCH")
+    if not same:
+        print(first_difference(models["eager"], prompt, mask, tokens["eager"], tokens[attn]))
     print(
         "KV cache at the end (bytes per layer, swattn): "
         + ", ".join(f"{kind.split('_')[0]} {n}" for kind, n in zip(layer_types, sizes[attn], strict=True))
