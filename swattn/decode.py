@@ -25,7 +25,8 @@ Three caches:
 
 CUDA (float16/bfloat16, head_dim 64/128/256) runs the TileLang kernels
 (kernels/decode.py), split-KV when batch x kv_heads cannot fill the SMs, with
-a combine kernel for the partials. Nothing in a call reads a device value on the
+a combine kernel for the partials; on sm_90+ the append, split and combine
+kernels chain by programmatic dependent launch. Nothing in a call reads a device value on the
 host (cache_seqlens stays on the device, the split count comes from shapes), so
 a call captures into a CUDA graph and replays with new lengths. The CPU runs the
 exact eager twin (``eager.masked_forward`` per sequence) in float32/float64, for
@@ -52,7 +53,8 @@ from .kernels.common import LOG2E
 # MMA). block_n and the stages give each SM 64-128 KiB of K/V loads in flight (two
 # CTAs per SM x 2 stages x a (K + V) tile of 32 KiB at D = 64 and 128); D = 256 holds
 # a 64 x 256 float32 accumulator (202 registers, no spill) at one CTA per SM. All
-# compile without spills for sm_90a (ptxas -v); untuned on the GPU yet.
+# compile without spills for sm_90a (ptxas -v); at D = 64 and 128 no other tile of
+# tools/sweep_decode.py beats them on an H200 (analysis.md).
 TILES = {64: (64, 128, 128, 2, 2), 128: (64, 64, 128, 2, 2), 256: (64, 32, 128, 2, 1)}
 HEAD_DIMS = tuple(TILES)
 CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
