@@ -14,8 +14,10 @@
 #   pipe    the forward with an honoured order/stage schedule (tools/time_pipelined.py)
 #   feat    the model rows' kernel profiles (bench_features.py --profile) and the rows themselves
 #   decode  the decode kernel's tiles and programmatic dependent launch (tools/sweep_decode.py)
-# benchmarks/bench_op.py adds a FlashAttention-4 column when flash_attn.cute imports (/tmp/fa4
-# on PYTHONPATH after tilelang's site: bench_op.py's docstring).
+# benchmarks/bench_op.py adds a FlashAttention-4 column when flash_attn.cute imports: put both
+# /tmp/fa4 and /tmp/fa4/nvidia_cutlass_dsl/dsl_packages on PYTHONPATH after tilelang's site
+# (the bundle's .pth is not read from PYTHONPATH, and without the second flash_attn.cute fails
+# with "No module named 'cutlass'").
 set -uo pipefail
 OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
