@@ -26,8 +26,8 @@ Three caches:
 CUDA (float16/bfloat16, head_dim 64/128/256) runs the TileLang kernels
 (kernels/decode.py), split-KV when batch x kv_heads cannot fill the SMs, with
 a combine kernel for the partials; on sm_90+ the append, split and combine
-kernels chain by programmatic dependent launch. Nothing in a call reads a device value on the
-host (cache_seqlens stays on the device, the split count comes from shapes), so
+kernels chain by programmatic dependent launch. Nothing in a call reads a device
+value on the host (cache_seqlens stays on the device, the split count comes from shapes), so
 a call captures into a CUDA graph and replays with new lengths. The CPU runs the
 exact eager twin (``eager.masked_forward`` per sequence) in float32/float64, for
 float32/float64/float16/bfloat16 inputs. Inference only: nothing here records
@@ -75,7 +75,7 @@ PDL = True
 
 
 def _pdl(arch: str) -> bool:
-    return PDL and int(arch[3:].rstrip("a")) >= 90  # "sm_90a" -> 90
+    return PDL and int("".join(c for c in arch[3:] if c.isdigit())) >= 90  # "sm_90a" -> 90
 
 
 @functools.cache

@@ -518,7 +518,7 @@ def _waits_first(src):
 
 
 def test_pdl_only_from_hopper():
-    assert dec._pdl("sm_90a") and dec._pdl("sm_100a")
+    assert dec._pdl("sm_90a") and dec._pdl("sm_100a") and dec._pdl("sm_120f")
     assert not dec._pdl("sm_80") and not dec._pdl("sm_89")
 
 
