@@ -15,6 +15,7 @@
 #   feat    the model rows' kernel profiles (bench_features.py --profile) and the rows themselves
 #   decode  the decode kernel's tiles and programmatic dependent launch (tools/sweep_decode.py)
 #   qtma    decode with Q by the producer's TMA, checked then timed (tools/time_decode_qtma.py)
+#   rescale the forward's lazy rescale (FA4's), checked then timed (tools/time_fwd_rescale.py)
 # benchmarks/bench_op.py adds a FlashAttention-4 column when flash_attn.cute imports: put both
 # /tmp/fa4 and /tmp/fa4/nvidia_cutlass_dsl/dsl_packages on PYTHONPATH after tilelang's site
 # (the bundle's .pth is not read from PYTHONPATH, and without the second flash_attn.cute fails
@@ -79,6 +80,9 @@ decode)
   ;;
 qtma)
   timeout 300 python3 tools/time_decode_qtma.py 2>&1 | grep -v INFO | tee "$OUT/decode_qtma.log" | grep "^|"
+  ;;
+rescale)
+  timeout 300 python3 tools/time_fwd_rescale.py 2>&1 | grep -v INFO | tee "$OUT/fwd_rescale.log" | grep "^|"
   ;;
 profile)
   ncu --clock-control none --profile-from-start off --section SpeedOfLight --section ComputeWorkloadAnalysis \
