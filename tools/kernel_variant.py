@@ -30,3 +30,14 @@ def edited_module(module, edits, name: str):
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def swapper(module, attr: str, variant):
+    """``use(on)``: point ``module.attr`` at ``variant`` (on) or back at what it was (off), so that
+    the package's own launchers call the variant without a second copy of them."""
+    original = getattr(module, attr)
+
+    def use(on: bool) -> None:
+        setattr(module, attr, variant if on else original)
+
+    return use

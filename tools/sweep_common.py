@@ -99,3 +99,13 @@ def kernel_profile(fn, label: str) -> None:
         torch.cuda.synchronize()
     rows = [(e.key, e.device_time_total / e.count) for e in prof.key_averages() if e.device_time_total > 0]
     print(f"  {label}: " + "; ".join(f"{name[:40]} {t:.1f} us" for name, t in rows), flush=True)
+
+
+def decode_times(attend, step) -> list[float]:
+    """us of ``decode_calls``' pair: a CUDA graph of R rotating calls (bench.kernel_us), the replay
+    of a graph holding one call (bench_decode.replay_us), and the same two with the append."""
+    from bench_decode import replay_us
+
+    from bench import kernel_us
+
+    return [kernel_us(attend, reps=64), replay_us(attend[0]), kernel_us(step, reps=64), replay_us(step[0])]

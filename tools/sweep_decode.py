@@ -96,11 +96,9 @@ def main() -> None:
         return
 
     import torch
-    from bench_decode import replay_us
-    from sweep_common import decode_calls, kernel_profile
+    from sweep_common import decode_calls, decode_times, kernel_profile
 
     import reference as ref
-    from bench import kernel_us
     from swattn import decode as dec
 
     shipped = dict(dec.TILES)
@@ -127,7 +125,7 @@ def main() -> None:
                 )
                 if si == (args.shapes or [0])[0] and args.profile and not splits:
                     kernel_profile(step[0], f"{tile}")
-                row = [kernel_us(attend, reps=64), replay_us(attend[0]), kernel_us(step, reps=64), replay_us(step[0])]
+                row = decode_times(attend, step)
                 lines.append(
                     f"| {b} | {hq}/{hk} | {d} | {w} | {cache} | {tile} | {used} | {err:.1e} | "
                     + " | ".join(f"{x:.1f}" for x in row)

@@ -84,15 +84,6 @@ def compiled_qtma(head_dim, dtype, arch, tile, layout, split, softcap, sinks):
     return launch._compile(fn, arch)
 
 
-def use(variant: str) -> None:
-    """Point swattn.decode at the shipped or the Q-by-TMA kernel (one-query calls only here)."""
-    from swattn import decode as dec
-
-    if not hasattr(use, "shipped"):
-        use.shipped = dec.compiled_decode
-    dec.compiled_decode = use.shipped if variant == "shipped" else compiled_qtma
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compile-only", action="store_true")
@@ -111,11 +102,12 @@ def main() -> None:
         return
 
     import torch
-    from bench_decode import replay_us
-    from sweep_common import decode_calls
+    from kernel_variant import swapper
+    from sweep_common import decode_calls, decode_times
 
     import reference as ref
-    from bench import kernel_us
+
+    use = swapper(dec, "compiled_decode", compiled_qtma)  # one-query calls only here
 
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     lines = [
@@ -126,11 +118,11 @@ def main() -> None:
     for b, hq, hk, d, w, cache in SHAPES:
         base = None
         for variant in ("shipped", "Q by TMA"):
-            use(variant)
+            use(variant != "shipped")
             attend, step = decode_calls(b, hq, hk, d, w, cache)
             out = attend[0]().clone()
             base = out if base is None else base
-            row = [kernel_us(attend, reps=64), replay_us(attend[0]), kernel_us(step, reps=64), replay_us(step[0])]
+            row = decode_times(attend, step)
             lines.append(
                 f"| {b} | {hq}/{hk} | {d} | {w} | {cache} | {variant} | {ref.rel_err(out, base):.1e} | "
                 + " | ".join(f"{x:.1f}" for x in row)
@@ -138,7 +130,7 @@ def main() -> None:
             )
             print(lines[-1], flush=True)
             del attend, step
-        use("shipped")
+        use(False)
         torch.cuda.empty_cache()
     print("\n".join(lines))
 

@@ -84,14 +84,6 @@ def compiled_rescale(head_dim, dtype, arch, tile=None, mode="general", skip=True
     return launch._compile(fn, arch)
 
 
-def use(variant: str) -> None:
-    from swattn import launch
-
-    if not hasattr(use, "shipped"):
-        use.shipped = launch.compiled_forward
-    launch.compiled_forward = use.shipped if variant == "shipped" else compiled_rescale
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compile-only", action="store_true")
@@ -112,9 +104,12 @@ def main() -> None:
         return
 
     import torch
+    from kernel_variant import swapper
 
     import reference as ref
     import swattn
+
+    use = swapper(launch, "compiled_forward", compiled_rescale)
 
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     lines = ["| shape | window | kernel | us | out err vs shipped | lse err |", "|---|---|---|---:|---:|---:|"]
@@ -123,7 +118,7 @@ def main() -> None:
         window = (sh["left"], sh["right"])
         base = None
         for variant in ("shipped", "lazy rescale"):
-            use(variant)
+            use(variant != "shipped")
             out, lse = swattn.sliding_window_attention(q, k, v, window, return_lse=True)
             base = (out, lse) if base is None else base
             us = time_us(lambda: swattn.sliding_window_attention(q, k, v, window))  # noqa: B023
@@ -132,7 +127,7 @@ def main() -> None:
                 f"{ref.rel_err(lse, base[1]):.1e} |"
             )
             print(lines[-1], flush=True)
-        use("shipped")
+        use(False)
     print("\n".join(lines))
 
 
