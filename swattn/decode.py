@@ -27,8 +27,8 @@ CUDA (float16/bfloat16, head_dim 64/128/256) runs the TileLang kernels
 (kernels/decode.py), split-KV when batch x kv_heads cannot fill the SMs, with
 a combine kernel for the partials; on sm_90+ the append, split and combine
 kernels chain by programmatic dependent launch. Nothing in a call reads a device
-value on the host (cache_seqlens stays on the device, the split count comes from shapes), so
-a call captures into a CUDA graph and replays with new lengths. The CPU runs the
+value on the host (cache_seqlens stays on the device, the split count comes from
+shapes), so a call captures into a CUDA graph and replays with new lengths. The CPU runs the
 exact eager twin (``eager.masked_forward`` per sequence) in float32/float64, for
 float32/float64/float16/bfloat16 inputs. Inference only: nothing here records
 an autograd graph (the calls run under ``torch.no_grad``).
@@ -70,12 +70,11 @@ def tile_for(head_dim: int) -> tuple:
 
 
 # ---- compile caches ------------------------------------------------------------
-# Programmatic dependent launch on sm_90+ (kernels/decode.py, pdl_prologue).
-PDL = True
 
 
 def _pdl(arch: str) -> bool:
-    return PDL and int("".join(c for c in arch[3:] if c.isdigit())) >= 90  # "sm_90a" -> 90
+    """Programmatic dependent launch (kernels/decode.py, pdl_prologue): sm_90 and newer."""
+    return int("".join(c for c in arch[3:] if c.isdigit())) >= 90  # "sm_90a" -> 90
 
 
 @functools.cache

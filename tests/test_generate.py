@@ -22,14 +22,15 @@ HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("swattn_example_generate", ROOT / "examples" / "generate.py")
+def _load_example(name: str):
+    """examples/<name>.py as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"swattn_example_{name}", ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-gen = _load_example()
+gen = _load_example("generate")
 WINDOW = gen.DEFAULT_CONFIG["sliding_window"]
 PROMPT_LEN, NEW = 8, 40  # 48 positions, three windows of 16
 
@@ -132,9 +133,7 @@ def test_cuda_bf16_kernels():
 def test_hf_example_cpu():
     """examples/hf_generate.py on the CPU: swattn's tokens equal eager's for Mistral and
     gpt-oss, and a sliding layer's cache stays W - 1 keys long while a full layer's grows."""
-    spec = importlib.util.spec_from_file_location("swattn_example_hf", ROOT / "examples" / "hf_generate.py")
-    hf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hf)
+    hf = _load_example("hf_generate")
     from swattn.integrations.transformers import register
 
     attn = register()

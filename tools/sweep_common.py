@@ -101,6 +101,27 @@ def kernel_profile(fn, label: str) -> None:
     print(f"  {label}: " + "; ".join(f"{name[:40]} {t:.1f} us" for name, t in rows), flush=True)
 
 
+DECODE_TIMES = ("us (graph of R)", "replay us", "+append us", "+append replay")
+
+
+def decode_table(cols: list[str], aligns: str) -> list[str]:
+    """A decode table's two header lines: shape columns, then ``cols`` (aligned by ``aligns``,
+    one of '<' or '>' each), then ``decode_times``' four."""
+    head = ["B", "Hq/Hkv", "D", "W", "cache", *cols, *DECODE_TIMES]
+    rule = ["---:", "---", "---:", "---:", "---:", *("---" if a == "<" else "---:" for a in aligns), *["---:"] * 4]
+    return ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+
+
+def decode_row(shape: tuple, cells: list[str], times: list[float]) -> str:
+    """One row of ``decode_table``: shape (batch, q_heads, kv_heads, D, W, cache), cells, times."""
+    b, hq, hk, d, w, cache = shape
+    return (
+        "| "
+        + " | ".join([str(b), f"{hq}/{hk}", str(d), str(w), str(cache), *cells] + [f"{x:.1f}" for x in times])
+        + " |"
+    )
+
+
 def decode_times(attend, step) -> list[float]:
     """us of ``decode_calls``' pair: a CUDA graph of R rotating calls (bench.kernel_us), the replay
     of a graph holding one call (bench_decode.replay_us), and the same two with the append."""

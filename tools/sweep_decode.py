@@ -20,6 +20,7 @@ time for the first shape (torch.profiler).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -55,11 +56,20 @@ SHAPES = [  # (batch, q_heads, kv_heads, D, W, cache)
 ]
 
 
+@functools.cache
+def _pdl_off():
+    from kernel_variant import swapper
+
+    from swattn import decode as dec
+
+    return swapper(dec, "_pdl", lambda arch: False)
+
+
 def set_pdl(on: bool) -> None:
     """Programmatic dependent launch on or off for the kernels compiled from now on."""
     from swattn import decode as dec
 
-    dec.PDL = on
+    _pdl_off()(not on)
     for cached in (dec.compiled_decode, dec.compiled_combine, dec.compiled_append):
         cached.cache_clear()
 
@@ -96,18 +106,14 @@ def main() -> None:
         return
 
     import torch
-    from sweep_common import decode_calls, decode_times, kernel_profile
+    from sweep_common import decode_calls, decode_row, decode_table, decode_times, kernel_profile
 
     import reference as ref
     from swattn import decode as dec
 
     shipped = dict(dec.TILES)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    lines = [
-        "| B | Hq/Hkv | D | W | cache | tile | splits | err vs shipped | us (graph of R) | replay us"
-        " | +append us | +append replay |",
-        "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = decode_table(["tile", "splits", "err vs shipped"], "<>>")
     for si in args.shapes if args.shapes is not None else range(len(SHAPES)):
         b, hq, hk, d, w, cache = SHAPES[si]
         base = None
@@ -125,12 +131,7 @@ def main() -> None:
                 )
                 if si == (args.shapes or [0])[0] and args.profile and not splits:
                     kernel_profile(step[0], f"{tile}")
-                row = decode_times(attend, step)
-                lines.append(
-                    f"| {b} | {hq}/{hk} | {d} | {w} | {cache} | {tile} | {used} | {err:.1e} | "
-                    + " | ".join(f"{x:.1f}" for x in row)
-                    + " |"
-                )
+                lines.append(decode_row(SHAPES[si], [str(tile), str(used), f"{err:.1e}"], decode_times(attend, step)))
                 print(lines[-1], flush=True)
                 del attend, step
         dec.TILES.update(shipped)

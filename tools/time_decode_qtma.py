@@ -103,31 +103,22 @@ def main() -> None:
 
     import torch
     from kernel_variant import swapper
-    from sweep_common import decode_calls, decode_times
+    from sweep_common import decode_calls, decode_row, decode_table, decode_times
 
     import reference as ref
 
     use = swapper(dec, "compiled_decode", compiled_qtma)  # one-query calls only here
 
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    lines = [
-        "| B | Hq/Hkv | D | W | cache | kernel | err vs shipped | us (graph of R) | replay us"
-        " | +append us | +append replay |",
-        "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for b, hq, hk, d, w, cache in SHAPES:
+    lines = decode_table(["kernel", "err vs shipped"], "<>")
+    for shape in SHAPES:
         base = None
         for variant in ("shipped", "Q by TMA"):
             use(variant != "shipped")
-            attend, step = decode_calls(b, hq, hk, d, w, cache)
+            attend, step = decode_calls(*shape)
             out = attend[0]().clone()
             base = out if base is None else base
-            row = decode_times(attend, step)
-            lines.append(
-                f"| {b} | {hq}/{hk} | {d} | {w} | {cache} | {variant} | {ref.rel_err(out, base):.1e} | "
-                + " | ".join(f"{x:.1f}" for x in row)
-                + " |"
-            )
+            lines.append(decode_row(shape, [variant, f"{ref.rel_err(out, base):.1e}"], decode_times(attend, step)))
             print(lines[-1], flush=True)
             del attend, step
         use(False)
