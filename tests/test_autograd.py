@@ -145,7 +145,20 @@ def test_backward_compiles_sm90a(head_dim, dtype, adaptive, kv_grads):
     assert f"__launch_bounds__({2 * threads}, {occupancy})" in source
     regs = common.consumer_regs(threads, occupancy, producer_threads=threads)
     assert regs >= 240 or f"warpgroup_reg_alloc<{regs}>" in source
+    # The register form's GEMMs are asynchronous (S^T with dP^T, dV, dK, then dQ) ...
+    assert source.count("wait_wgmma<1>") == 2 and "wait_wgmma<0>" in source
+    # ... and no pipeline stage is released while a GEMM may still read it.
+    assert releases_after_last_wait(source)
     assert "preprocess" in launch.compiled_preprocess(head_dim, dtype, "sm_90a").get_kernel_source()
+
+
+def releases_after_last_wait(source: str) -> bool:
+    """Every stage release (mbarrier arrive) of the consumers' loop comes after the loop's
+    last wait for its asynchronous GEMMs (the consumers' loop is the kernel's last)."""
+    body = source[source.rfind("for (int it") :]
+    last_wait = body.rfind("wait_wgmma<0>")
+    arrives = [i for i in range(len(body)) if body.startswith("].arrive()", i)]
+    return last_wait > 0 and bool(arrives) and all(i > last_wait for i in arrives)
 
 
 @pytest.mark.slow

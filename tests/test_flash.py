@@ -215,6 +215,8 @@ def test_flash_backward_variants_compile_sm90a(head_dim, varlen, softcap):
         head_dim, "bfloat16", "sm_90a", None, False, "bfloat16", varlen, softcap
     ).get_kernel_source()
     assert ("tanh" in src) == softcap
+    # Asynchronous GEMMs in the register form; D = 256's shared-memory form waits for each.
+    assert ("wait_wgmma<0>" in src) == (head_dim != 256)
 
 
 # --- GPU: the kernels against the float64 oracle -------------------------------------------

@@ -1,20 +1,25 @@
-"""The backward kernel with its first two GEMMs in flight together: check it, then time it (Hopper).
+"""The backward kernel's asynchronous GEMMs against the synchronous form, and a lazier dQ store: check, then time (Hopper).
 
-Why (issue 22, analysis.md 4.10): on the H200 the backward kernel keeps the tensor pipe busy 22 %
-(shape B) to 41 % (shape D) of its cycles (Nsight Compute), and every ``T.gemm`` of its loop ends
-in ``warpgroup_wait<0>``: the five GEMMs and the elementwise work between them run one after
-another. TileLang 0.1.15 has explicit asynchronous WGMMA (``T.wgmma_gemm`` without the implicit
-wait, ``T.wait_wgmma(n)``). Here S^T = K Q^T and dP^T = V dO^T (independent: both read only
-shared memory) are issued back to back; the warpgroup waits for the first alone, computes P
-(the exponentials and the mask) while the second runs, then waits for it. No shared buffer's
-last use falls between an issue and its wait (Q and dO are read again by later GEMMs), so
-TileLang's release of a pipeline stage, placed after a buffer's last use, cannot overtake an
-in-flight GEMM.
+Why (issue 22, analysis.md 4.10-4.11): on the H200 the backward kernel kept the tensor pipe busy
+22 % (shape B) to 41 % (shape D) of its cycles (Nsight Compute) while every ``T.gemm`` of its loop
+ended in ``warpgroup_wait<0>``: the five GEMMs and the elementwise work between them ran one after
+another. The shipped kernel (``overlap`` in kernels/backward.py) issues them with
+``T.wgmma_gemm`` and waits with ``T.wait_wgmma(n)``: S^T with dP^T, dV with the dS arithmetic,
+dK with the dS^T store and the barrier before dQ's GEMM.
 
-``async_module`` is kernels/backward.py with those edits applied at run time
-(``kernel_variant.edited_module``; nothing on disk changes). Per bench shape (bf16, the shipped
-tile): the main backward kernel alone, shipped and variant, dQ / dK / dV compared (relative error
-against the shipped kernel's), then timed (triton's do_bench median, dQ zeroed in the call).
+Variants, each kernels/backward.py with exact edits applied at run time
+(``kernel_variant.edited_module``; nothing on disk changes):
+  synchronous   every GEMM waits for itself at once (the kernel before the overlap);
+  dQ rows       on top of the shipped kernel, each dQ tile is added row by row with 1-D bulk
+                reduce-adds, one thread a row, whose shared-memory reads are waited for at the
+                next tile rather than at once (TileLang's TMA reduce-add waits for its read before
+                the issuing thread goes on, and that thread's warpgroup issues its next GEMM only
+                when all four warps arrive). Rows padded by 8 floats against bank conflicts.
+                Measured 10-18 % slower: 64 small reduce-adds cost more than one box.
+
+Per bench shape (bf16, the shipped tile): the main backward kernel alone, shipped and variants,
+dQ / dK / dV compared (relative error against the shipped kernel's), then timed (triton's
+do_bench median, dQ zeroed in the call).
 
     PYTHONPATH=$PWD python tools/time_bwd_async.py --compile-only   # CPU: builds for sm_90a
     PYTHONPATH=$PWD python tools/time_bwd_async.py [--shapes 1 2 3 4]
@@ -28,45 +33,77 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tools")]
 
-EDITS = (
+SYNCHRONOUS = (
     (
-        """                T.fill(st, 0)
-                T.gemm(k_s, q_s, st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+        """    overlap = arch == "sm_90a" and not kv_ss
 """,
-        """                T.fill(st, 0)
-                T.fill(dpt, 0)
-                T.wgmma_gemm(k_s, q_s, st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                T.wgmma_gemm(v_s, do_s, dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                T.wait_wgmma(1)
-""",
-    ),
-    (
-        """                T.fill(dpt, 0)
-                T.gemm(v_s, do_s, dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-""",
-        """                T.wait_wgmma(0)
+        """    overlap = False
 """,
     ),
 )
-_MODULE = None
-
-
-def async_module():
-    global _MODULE
-    if _MODULE is None:
-        from kernel_variant import edited_module
-
-        from swattn.kernels import backward as bwd
-
-        _MODULE = edited_module(bwd, EDITS, "swattn.kernels._backward_async")
-    return _MODULE
+DQ_ROWS = (
+    (
+        """            dq_s = T.alloc_shared((block_m, head_dim), accum)  # used with dq_tma only
+""",
+        """            dq_s = T.alloc_shared((block_m, head_dim + 8), accum)  # used with dq_tma only
+""",
+    ),
+    (
+        """                T.fill(st, 0)
+                if overlap:
+""",
+        """                T.call_extern("handle", "tl::tma_store_wait<0, true>")
+                T.fill(st, 0)
+                if overlap:
+""",
+    ),
+    (
+        """                    T.copy(dq, dq_s)
+                    rq = q_base + qt * block_m
+                    T.atomic_add(dQ[bi, rq : rq + block_m, qh, :], dq_s, annotations={"use_tma": 1})
+""",
+        """                    T.copy(dq, dq_s[:, 0:head_dim])
+                    for i in T.Parallel(block_m):
+                        if qt * block_m + i < q_rows:
+                            T.call_extern("handle", "tl::fence_proxy_async")
+                            T.call_extern(
+                                "handle",
+                                "tl::tma_store_add",
+                                dq_s.access_ptr("r", offset=i * (head_dim + 8), extent=head_dim),
+                                T.address_of(dQ[bi, q_base + qt * block_m + i, qh, 0]),
+                                head_dim * 4,
+                            )
+                            T.call_extern("handle", "tl::tma_store_arrive")
+""",
+    ),
+    (
+        """            for j, d in T.Parallel(block_n, head_dim):
+                if bx * block_n + j < k_rows:""",
+        """            T.call_extern("handle", "tl::tma_store_wait<0, true>")
+            for j, d in T.Parallel(block_n, head_dim):
+                if bx * block_n + j < k_rows:""",
+    ),
+)
+VARIANTS = {"synchronous": SYNCHRONOUS, "dQ rows": DQ_ROWS}
 
 
 @functools.cache
-def compiled_async(head_dim: int, dtype: str, arch: str, tile: tuple):
+def variant_module(name: str):
+    from kernel_variant import edited_module
+
+    from swattn.kernels import backward as bwd
+
+    tag = name.replace(",", "").replace(" ", "_")
+    return edited_module(bwd, VARIANTS[name], f"swattn.kernels._backward_{tag}")
+
+
+@functools.cache
+def compiled_variant(name: str, head_dim: int, dtype: str, arch: str, tile: tuple):
     from swattn import launch
 
-    return launch._compile(async_module().make_backward(head_dim, dtype, arch, tile), arch)
+    if tile[6]:
+        raise SystemExit("the variants edit the register form (kv_ss False) only")
+    return launch._compile(variant_module(name).make_backward(head_dim, dtype, arch, tile), arch)
 
 
 def main() -> None:
@@ -74,6 +111,7 @@ def main() -> None:
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--shapes", type=int, nargs="*", default=[1, 2, 3, 4])
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
     from sweep_common import bench_shapes, check_and_time, random_qkv, shape_label
 
@@ -82,10 +120,11 @@ def main() -> None:
     shapes = bench_shapes(args.shapes)
     for d in sorted({sh["head_dim"] for sh in shapes}):
         tile = launch.tile_config(d, args.arch, "backward")
-        src = compiled_async(d, "bfloat16", args.arch, tile).get_kernel_source()
-        waits = src.count("wait_wgmma<1>")
-        print(f"built D {d} tile {tile}: wait_wgmma<1> x{waits}", flush=True)
-        assert waits, "the variant's early wait is missing"
+        for name in args.variants:
+            src = compiled_variant(name, d, "bfloat16", args.arch, tile).get_kernel_source()
+            waits = src.count("wait_wgmma<1>")
+            print(f"built D {d} tile {tile} {name}: wait_wgmma<1> x{waits}", flush=True)
+            assert bool(waits) == (name != "synchronous"), "the variant's waits are not as described"
         launch.compiled_backward(d, "bfloat16", args.arch, None)
     if args.compile_only:
         return
@@ -107,10 +146,9 @@ def main() -> None:
         kargs = (q, k, v, do, lse, delta, *grads, win, kt, cu, cu, left, right, 0, hk, s, s, 1, 0, d**-0.5, 0.0)
         tile = launch.tile_config(d, args.arch, "backward")
         base = None
-        for name, kern in (
-            ("shipped", launch.compiled_backward(d, "bfloat16", args.arch, None)),
-            ("async S, dP", compiled_async(d, "bfloat16", args.arch, tile)),
-        ):
+        kernels = [("shipped", launch.compiled_backward(d, "bfloat16", args.arch, None))]
+        kernels += [(name, compiled_variant(name, d, "bfloat16", args.arch, tile)) for name in args.variants]
+        for name, kern in kernels:
 
             def call(kern=kern, grads=grads, kargs=kargs):
                 grads[0].zero_()  # dQ accumulates

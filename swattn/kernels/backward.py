@@ -110,6 +110,9 @@ def make_backward(
     only tiles that build put 2 x 64 x 256 float32 dK/dV accumulators on one
     warpgroup (256 registers a thread: spills); with SS two warpgroups split dK/dV
     by columns (64 x 128 each) without a spill: 2.3x faster at D = 256 (analysis.md).
+    On Hopper in the register form (``overlap``) the GEMMs are asynchronous: S^T with
+    dP^T, dV with the dS arithmetic, dK with the dS^T store and the barrier before dQ's
+    GEMM (analysis.md 4.11; each ``T.gemm`` otherwise waits for itself at once).
 
     ``varlen``: packed sequences as in ``forward.make_forward`` (tensors (1, total,
     heads, D), LSE/Delta (1, heads, total_q), CU_Q/CU_K offsets; each sequence's
@@ -120,6 +123,8 @@ def make_backward(
     if adaptive and (varlen or softcap):
         raise ValueError("varlen and softcap are not built on adaptive windows")
     block_m, block_n, threads, num_stages, occupancy, dq_tma, kv_ss = tile
+    # Hopper, register form: the GEMMs are issued asynchronously (see the loop).
+    overlap = arch == "sm_90a" and not kv_ss
     accum = "float32"
     batch, seq_len, kv_len = T.dynamic("batch"), T.dynamic("seq_len"), T.dynamic("kv_len")
     q_heads, kv_heads = T.dynamic("q_heads"), T.dynamic("kv_heads")
@@ -174,6 +179,9 @@ def make_backward(
             dpt = T.alloc_fragment((block_n, block_m), accum)  # dP^T, then dS^T
             dcap = T.alloc_fragment((block_n, block_m), accum) if softcap else None  # 1 - tanh^2
             pt_cast = T.alloc_fragment((block_n, block_m), dtype)
+            # overlap: dS^T's own registers, since the running dV GEMM still reads P^T's
+            ds_cast = T.alloc_fragment((block_n, block_m), dtype) if overlap else None
+            touch = T.alloc_local((1,), dtype) if overlap else None
             dk = T.alloc_fragment((block_n, head_dim), accum)
             dv = T.alloc_fragment((block_n, head_dim), accum)
             dq = T.alloc_fragment((block_m, head_dim), accum)
@@ -246,7 +254,15 @@ def make_backward(
                     count_s[i] = count
                     glob_s[i] = glob
                 T.fill(st, 0)
-                T.gemm(k_s, q_s, st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                if overlap:
+                    # S^T and dP^T in flight together (both read shared memory only); P is
+                    # computed as soon as S^T alone is done.
+                    T.fill(dpt, 0)
+                    T.wgmma_gemm(k_s, q_s, st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    T.wgmma_gemm(v_s, do_s, dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    T.wait_wgmma(1)
+                else:
+                    T.gemm(k_s, q_s, st, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 # A tile inside the window (and inside both sequences): P without the
                 # mask, whose compares and selects cost as much as the exponentials.
                 full = not adaptive and tir.all(
@@ -271,19 +287,42 @@ def make_backward(
                         # multiplying: rows past the end may hold anything.
                         p = T.exp2(st[j, i] * scale_log2 - lse_s[i] * LOG2E)
                         st[j, i] = T.Select(seen, p, T.float32(0))
-                T.fill(dpt, 0)
-                T.gemm(v_s, do_s, dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                cast_gemm(st, pt_s if kv_ss else pt_cast, do_s, dv)  # dV += P^T dO
+                if overlap:
+                    # dV += P^T dO runs while dS is computed.
+                    T.copy(st, pt_cast)
+                    T.wgmma_gemm(pt_cast, do_s, dv, policy=T.GemmWarpPolicy.FullRow)
+                    T.wait_wgmma(1)  # dP^T
+                else:
+                    T.fill(dpt, 0)
+                    T.gemm(v_s, do_s, dpt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    cast_gemm(st, pt_s if kv_ss else pt_cast, do_s, dv)  # dV += P^T dO
                 for j, i in T.Parallel(block_n, block_m):
                     ds = st[j, i] * (dpt[j, i] - delta_s[i]) * sm_scale
                     if softcap:
                         ds = ds * dcap[j, i]
                     dpt[j, i] = T.if_then_else(st[j, i] > 0, ds, 0)
-                cast_gemm(dpt, ds_s if kv_ss else pt_cast, q_s, dk)  # dK += dS^T Q
-                if not kv_ss:
-                    T.copy(pt_cast, ds_s)  # dQ's GEMM reads dS^T from shared memory
-                T.fill(dq, 0)
-                T.gemm(ds_s, k_s, dq, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
+                if overlap:
+                    # dK += dS^T Q runs across the barrier around the shared dS^T tile, where
+                    # the two warpgroups of a 128-key tile wait for each other; one wait
+                    # ends the tile. TileLang releases a pipeline stage after its buffer's
+                    # last reader in program order: the dV and dK GEMMs were dO's and Q's,
+                    # so both are read once more after the wait (behind a branch on the
+                    # scale's sign: kept, and it only fills a register), which puts the
+                    # release after the GEMMs complete.
+                    T.copy(dpt, ds_cast)
+                    T.wgmma_gemm(ds_cast, q_s, dk, policy=T.GemmWarpPolicy.FullRow)
+                    T.copy(ds_cast, ds_s)
+                    T.fill(dq, 0)
+                    T.wgmma_gemm(ds_s, k_s, dq, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
+                    T.wait_wgmma(0)
+                    if sm_scale < 0:
+                        touch[0] = do_s[0, 0] + q_s[0, 0]
+                else:
+                    cast_gemm(dpt, ds_s if kv_ss else pt_cast, q_s, dk)  # dK += dS^T Q
+                    if not kv_ss:
+                        T.copy(pt_cast, ds_s)  # dQ's GEMM reads dS^T from shared memory
+                    T.fill(dq, 0)
+                    T.gemm(ds_s, k_s, dq, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
                 if dq_tma:
                     T.copy(dq, dq_s)
                     rq = q_base + qt * block_m
