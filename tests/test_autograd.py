@@ -177,21 +177,24 @@ GPU_CASES = [
     (1, 4, 1, 513, 30, 70, 1, 0),
     (2, 4, 4, 1024, 5000, 5000, 1, 0),
     (1, 4, 2, 999, 20, 5, 3, 0),
-    (1, 2, 2, 1, 0, 0, 1, 0),
+    # One query, one key: dq = scale * g_lse * k per head, whose error rests on one bf16
+    # rounding of dS a head; with two heads the ratio to PyTorch's error was a two-sample
+    # statistic (0.00499 against a bound of 0.0049 once on the H200), with eight it is not.
+    (1, 8, 2, 1, 0, 0, 1, 0),
     (1, 4, 2, 700, 33, 0, 1, 16),
     (1, 4, 4, 300, 10, 10, 1, 100),
 ]
 
 
 def assert_kernel_gradients(kernel, reference, shape_q, shape_kv, dtype, seed):
-    """Fresh inputs (float64 on CUDA, and the same rounded to ``dtype``); the kernel's
-    (out, lse, dq, dk, dv) against the float64 reference, within twice PyTorch's own
-    error in ``dtype`` plus a floor."""
+    """Fresh inputs and cotangents drawn from ``seed`` (float64 on CUDA, and the same
+    rounded to ``dtype``); the kernel's (out, lse, dq, dk, dv) against the float64
+    reference, within twice PyTorch's own error in ``dtype`` plus a floor."""
     q64, k64, v64 = leaf(*shape_q, seed=seed), leaf(*shape_kv, seed=seed + 50), leaf(*shape_kv, seed=seed + 99)
     q64, k64, v64 = (x.detach().cuda().requires_grad_() for x in (q64, k64, v64))
     q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q64, k64, v64))
-    g_out = torch.randn(shape_q, device="cuda", dtype=torch.float64)
-    g_lse = torch.randn(shape_q[0], shape_q[2], shape_q[1], device="cuda", dtype=torch.float64)
+    g_out = leaf(*shape_q, seed=seed + 7).detach().cuda()
+    g_lse = leaf(shape_q[0], shape_q[2], shape_q[1], seed=seed + 13).detach().cuda()
     want = grads_of(reference, q64, k64, v64, g_out, g_lse)
     torch_low = grads_of(reference, q, k, v, g_out.to(dtype), g_lse.float())
     got = grads_of(kernel, q, k, v, g_out.to(dtype), g_lse.float())

@@ -1,4 +1,4 @@
-"""The backward kernel's asynchronous GEMMs against the synchronous form, and a lazier dQ store: check, then time (Hopper).
+"""The backward's asynchronous GEMMs against the synchronous form, and a lazier dQ store: check, time (Hopper).
 
 Why (issue 22, analysis.md 4.10-4.11): on the H200 the backward kernel kept the tensor pipe busy
 22 % (shape B) to 41 % (shape D) of its cycles (Nsight Compute) while every ``T.gemm`` of its loop
