@@ -85,6 +85,8 @@ rescale)
   timeout 300 python3 tools/time_fwd_rescale.py 2>&1 | grep -v INFO | tee "$OUT/fwd_rescale.log" | grep "^|"
   ;;
 profile)
+  # On the H200 (session 13) the forward's kernel replay never completed under this command
+  # (analysis.md 4.11); the backward's (-k regex:backward_kernel --backward) did.
   ncu --clock-control none --profile-from-start off --section SpeedOfLight --section ComputeWorkloadAnalysis \
     --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
     python3 tools/profile_op.py --shapes 1 2 3 >"$OUT/ncu_fwd.txt" 2>&1

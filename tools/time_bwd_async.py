@@ -15,7 +15,7 @@ Variants, each kernels/backward.py with exact edits applied at run time
                 next tile rather than at once (TileLang's TMA reduce-add waits for its read before
                 the issuing thread goes on, and that thread's warpgroup issues its next GEMM only
                 when all four warps arrive). Rows padded by 8 floats against bank conflicts.
-                Measured 10-18 % slower: 64 small reduce-adds cost more than one box.
+                Rejected (analysis.md 4.11): 64 small reduce-adds cost more than one box.
 
 Per bench shape (bf16, the shipped tile): the main backward kernel alone, shipped and variants,
 dQ / dK / dV compared (relative error against the shipped kernel's), then timed (triton's

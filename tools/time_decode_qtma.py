@@ -16,6 +16,8 @@ compares out with the shipped kernel's on the same caches, then times both
 (``tools/sweep_decode.py``'s columns: graph of R rotating calls, one-call replay, the same with
 the append).
 
+Result on the H200: rejected (analysis.md 4.11).
+
     PYTHONPATH=$PWD python tools/time_decode_qtma.py --compile-only   # CPU: builds for sm_90a
     PYTHONPATH=$PWD python tools/time_decode_qtma.py                  # GPU: check, then time
 """

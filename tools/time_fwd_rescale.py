@@ -15,6 +15,8 @@ issue (checked in the SASS: with the vote, one `@!P0 BRA` jumps over the 32 FMUL
 the variant's calls. Per bench shape (bf16): swattn.sliding_window_attention's out and lse
 against the shipped kernel's, then do_bench medians of both.
 
+Result on the H200: rejected (analysis.md 4.11).
+
     PYTHONPATH=$PWD python tools/time_fwd_rescale.py --compile-only   # CPU: builds for sm_90a
     PYTHONPATH=$PWD python tools/time_fwd_rescale.py [--shapes 1 2 3 4]
 """
