@@ -13,6 +13,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The decode tools' shapes, one query a sequence: (batch, q_heads, kv_heads, D, W, cache).
+DECODE_SHAPES = [
+    (1, 32, 8, 128, 4096, 131072),
+    (1, 32, 8, 128, 128, 131072),
+    (8, 32, 8, 128, 4096, 32768),
+    (64, 32, 8, 128, 4096, 16384),
+    (64, 32, 8, 128, 128, 16384),
+    (1, 32, 8, 64, 4096, 131072),
+    (64, 32, 8, 64, 4096, 16384),
+]
+
+
 def bench_shapes(indices: list[int]) -> list[dict]:
     """Shapes of configs/bench_op.json by index."""
     shapes = json.loads((ROOT / "configs/bench_op.json").read_text())["shapes"]

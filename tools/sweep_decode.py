@@ -26,6 +26,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tools"), os.path.join(REPO, "benchmarks")]
+from sweep_common import DECODE_SHAPES as SHAPES  # noqa: E402
 
 # (block_m, block_n, consumer threads, num_stages, CTAs per SM); the first is the shipped tile.
 VARIANTS = {
@@ -45,15 +46,6 @@ VARIANTS = {
     ],
 }
 PDL_AB = 1  # the first tiles of each list are also timed without programmatic dependent launch
-SHAPES = [  # (batch, q_heads, kv_heads, D, W, cache)
-    (1, 32, 8, 128, 4096, 131072),
-    (1, 32, 8, 128, 128, 131072),
-    (8, 32, 8, 128, 4096, 32768),
-    (64, 32, 8, 128, 4096, 16384),
-    (64, 32, 8, 128, 128, 16384),
-    (1, 32, 8, 64, 4096, 131072),
-    (64, 32, 8, 64, 4096, 16384),
-]
 
 
 @functools.cache

@@ -62,19 +62,18 @@ COMMON_EDITS = (
     ),
 )
 FORWARD_EDITS = (("from .common import (\n", "from ._common_rescale import (\n"),)
-_MODULES = {}
 
 
+@functools.cache
 def rescale_forward():
-    """kernels/forward.py built on the edited common.py."""
-    if not _MODULES:
-        from kernel_variant import edited_module
+    """kernels/forward.py built on the edited common.py (imported first, under the name
+    the edited forward.py imports)."""
+    from kernel_variant import edited_module
 
-        from swattn.kernels import common, forward
+    from swattn.kernels import common, forward
 
-        _MODULES["common"] = edited_module(common, COMMON_EDITS, "swattn.kernels._common_rescale")
-        _MODULES["forward"] = edited_module(forward, FORWARD_EDITS, "swattn.kernels._forward_rescale")
-    return _MODULES["forward"]
+    edited_module(common, COMMON_EDITS, "swattn.kernels._common_rescale")
+    return edited_module(forward, FORWARD_EDITS, "swattn.kernels._forward_rescale")
 
 
 @functools.cache
